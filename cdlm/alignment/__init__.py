@@ -1,0 +1,1 @@
+"""Preference and distillation trainers built on TRL and PEFT."""

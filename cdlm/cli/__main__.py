@@ -1,0 +1,5 @@
+import sys
+
+from cdlm.cli import main
+
+sys.exit(main())

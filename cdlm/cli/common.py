@@ -1,0 +1,71 @@
+"""Arguments and helpers shared by several sub-commands (model choice, decoding method, progress)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cdlm.decoding.methods import _METHODS, DecodingMethod, Param, get_method
+from cdlm.models import DEFAULT_MODEL, LoadedModel, load_amateur, load_model
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, GGUF file, folder or hub id (default: {DEFAULT_MODEL})")
+    group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder or hub repo")
+    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    group.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _method_params() -> dict[str, Param]:
+    """The union of every registered method's hyperparameters, one CLI flag each."""
+    params: dict[str, Param] = {}
+    for name in _METHODS:
+        try:
+            method = get_method(name)
+        except (ImportError, AttributeError):
+            continue
+        for param in method.params:
+            params.setdefault(param.name, param)
+    return params
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
+    group = parser.add_argument_group("decoding method")
+    if multiple:
+        group.add_argument("--method", action="append", default=None, help="decoding method; repeat to compare (default: greedy)")
+    else:
+        group.add_argument("--method", default="greedy", help="decoding method (default: greedy)")
+    group.add_argument("--amateur", default=None, help="amateur for contrastive methods: 'early-exit:N' or a model reference")
+    for param in _method_params().values():
+        # Defaults stay None here so each method applies its own documented default.
+        group.add_argument(param.flag, dest=param.name, type=param.type, default=None, help=f"{param.help} (default: {param.default})")
+
+
+def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amateur_cache: dict) -> DecodingMethod:
+    """Instantiate method ``name`` with the hyperparameters given on the command line."""
+    method_class = get_method(name)
+    params = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
+    amateur = None
+    if method_class.needs_amateur or (args.amateur and name in {"cd"}):
+        spec = args.amateur or "early-exit:" + str(max(1, _num_layers(expert) // 4))
+        if spec not in amateur_cache:
+            amateur_cache[spec] = load_amateur(spec, expert, dtype=args.dtype)
+        amateur = amateur_cache[spec]
+    return method_class(expert.model, expert.tokenizer, amateur=amateur, **params)
+
+
+def _num_layers(expert: LoadedModel) -> int:
+    return int(getattr(expert.model.config, "num_hidden_layers", 4))
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    loaded = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
+    cache = {None: "", True: ", cache hit", False: ", cache built"}[loaded.cache_hit]
+    progress(f"loaded {loaded.source} in {loaded.load_seconds:.1f}s{cache} ({loaded.details['device']}, {loaded.details['dtype']})")
+    return loaded
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

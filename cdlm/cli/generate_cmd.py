@@ -1,0 +1,93 @@
+"""``cdlm generate``: continue prompts with one or more decoding methods, side by side, with tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cdlm.cli.common import add_method_arguments, add_model_arguments, build_method, load_from_args, progress
+from cdlm.decoding.runner import generate
+
+DEFAULT_PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What is 17 + 25? Answer step by step.",
+]
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text with one or more decoding methods",
+        description="Generate continuations; repeat --method to compare methods on the same prompts.",
+    )
+    add_model_arguments(parser)
+    add_method_arguments(parser, multiple=True)
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three demo prompts)")
+    parser.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
+    parser.add_argument("--contrastive-prompt", action="append", default=None, help="contrastive input per prompt (cid)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    parser.set_defaults(func=run)
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            prompts += [line.rstrip("\n") for line in handle if line.strip()]
+    return prompts or list(DEFAULT_PROMPTS)
+
+
+def _render(tokenizer, prompts: list[str], chat: bool) -> list[str]:
+    if not chat or not tokenizer.chat_template:
+        return prompts
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = _read_prompts(args)
+    contrastive = args.contrastive_prompt
+    if contrastive is not None and len(contrastive) != len(prompts):
+        raise ValueError(f"got {len(contrastive)} --contrastive-prompt for {len(prompts)} prompts; give one per prompt")
+    loaded = load_from_args(args)
+    rendered = _render(loaded.tokenizer, prompts, args.chat)
+    rendered_contrastive = _render(loaded.tokenizer, contrastive, args.chat) if contrastive else None
+    # Chat templates already hold the BOS text; adding special tokens again would double it.
+    add_special = not (args.chat and loaded.tokenizer.chat_template)
+    amateurs: dict = {}
+    summary = []
+    for name in args.method or ["greedy"]:
+        method = build_method(name, args, loaded, amateurs)
+        needs_contrast = method.needs_contrastive_inputs
+        if needs_contrast and rendered_contrastive is None:
+            raise ValueError(f"method {name!r} needs --contrastive-prompt, one per prompt")
+        results, stats = generate(
+            loaded.model,
+            loaded.tokenizer,
+            rendered,
+            method,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            contrastive_prompts=rendered_contrastive if needs_contrast else None,
+            add_special_tokens=add_special,
+            seed=args.seed,
+            on_batch=lambda done, total, s, n=name: progress(f"[{n}] {done}/{total} prompts, {s.tokens_per_second:.1f} tokens/s"),
+        )
+        summary.append((name, stats))
+        for prompt, result in zip(prompts, results):
+            if args.json:
+                print(json.dumps({**method.describe(), "prompt": prompt, "text": result.text, "token_ids": result.token_ids}))
+            else:
+                print(f"=== {name} | {prompt}\n{result.text.strip()}\n")
+    if not args.json:
+        print(f"{'method':10} {'new tokens':>10} {'seconds':>8} {'tokens/s':>9}")
+        for name, stats in summary:
+            print(f"{name:10} {stats.new_tokens:10d} {stats.seconds:8.2f} {stats.tokens_per_second:9.1f}")
+    return 0

@@ -1,0 +1,128 @@
+"""Batched text generation with any registered decoding method, with timing.
+
+Shared by ``cdlm generate``, the eval harness and the benchmarks, so every caller tokenises, pads,
+stops and counts tokens/s the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cdlm.decoding.methods import DecodingMethod
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]  # generated ids only, without padding or anything after the first EOS
+    seconds: float  # wall time of the batch this generation belonged to
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def _strip(ids: torch.Tensor, eos_ids: set[int], pad_id: int | None) -> list[int]:
+    tokens: list[int] = []
+    for token in ids.tolist():
+        if token in eos_ids:
+            break
+        tokens.append(token)
+    if pad_id is not None and pad_id not in eos_ids:
+        while tokens and tokens[-1] == pad_id:
+            tokens.pop()
+    return tokens
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def apply_stop_strings(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest stop string (lm-eval's ``until`` semantics)."""
+    cut = len(text)
+    for marker in stop:
+        position = text.find(marker)
+        if position != -1:
+            cut = min(cut, position)
+    return text[:cut]
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    method: DecodingMethod,
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    contrastive_prompts: Sequence[str] | None = None,
+    stop: Sequence[str] = (),
+    add_special_tokens: bool = True,
+    seed: int | None = None,
+    on_batch: Callable[[int, int, GenerationStats], None] | None = None,
+) -> tuple[list[Generation], GenerationStats]:
+    """Generate a continuation of every prompt; returns the generations and aggregate throughput.
+
+    ``stop`` strings end generation (via ``generate``'s ``stop_strings``) and are cut from the text.
+    ``contrastive_prompts`` (same length as ``prompts``) feed methods that contrast two inputs.
+    """
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if method.needs_contrastive_inputs:
+        if contrastive_prompts is None or len(contrastive_prompts) != len(prompts):
+            raise ValueError(
+                f"method {method.name!r} needs one contrastive prompt per prompt "
+                f"({len(prompts)} prompts, {0 if contrastive_prompts is None else len(contrastive_prompts)} contrastive)"
+            )
+    eos_ids = _eos_ids(model, tokenizer)
+    results: list[Generation] = []
+    stats = GenerationStats()
+    device = model.device
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        contrastive_batch = None
+        if method.needs_contrastive_inputs:
+            contrastive_chunk = list(contrastive_prompts[start : start + batch_size])
+            contrastive_batch = tokenizer(
+                contrastive_chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+            ).to(device)
+        kwargs = method.generate_kwargs(batch, contrastive_batch)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+        if seed is not None:
+            torch.manual_seed(seed + start)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+        elapsed = time.perf_counter() - began
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        new = sequences[:, batch["input_ids"].shape[1] :]
+        for prompt, row in zip(chunk, new):
+            ids = _strip(row, eos_ids, tokenizer.pad_token_id)
+            text = apply_stop_strings(tokenizer.decode(ids, skip_special_tokens=True), stop)
+            results.append(Generation(prompt, text, ids, elapsed))
+            stats.new_tokens += len(ids)
+        stats.seconds += elapsed
+        if on_batch is not None:
+            on_batch(len(results), len(prompts), stats)
+    return results, stats

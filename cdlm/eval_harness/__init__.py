@@ -1,0 +1,1 @@
+"""GSM8K and HellaSwag evaluation with every cdlm decoding method."""

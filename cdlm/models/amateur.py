@@ -1,0 +1,194 @@
+"""Amateur models for contrastive decoding and contrastive scoring.
+
+Two kinds, both exposing a ``model`` that works standalone in ``generate()``:
+
+* ``SeparateAmateur``: an independent (usually smaller) model. Contrast is taken token id against token
+  id, so its tokenizer must map text to the same ids as the expert's; ``check_same_vocabulary``
+  enforces that on the shared id range (an lm_head padded past the tokenizer is fine).
+* ``EarlyExitAmateur``: the expert's first N decoder layers followed by the expert's own final norm
+  and lm_head (O'Brien & Lewis 2023 use such "early exit" amateurs). It shares every weight with the
+  expert, so it costs no memory, and because layer N's output is an intermediate result of the
+  expert's own forward pass, its logits can be read off that pass (``capture`` +
+  ``logits_from_hidden``) instead of running a second model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_PROBE_TEXT = (
+    "Contrastive decoding compares 2 models: the expert's and the amateur's next-token scores. "
+    "Ünïcödé, numbers 12345, code `x = y[0]`\n\tand   spaces."
+)
+
+
+class TokenizerMismatchError(ValueError):
+    """Expert and amateur do not map text to the same token ids, so their scores cannot be contrasted."""
+
+
+class CannotSplitModelError(ValueError):
+    """The expert's architecture has no decoder-layer stack cdlm knows how to cut for an early exit."""
+
+
+def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
+    return {index: token for token, index in tokenizer.get_vocab().items()}
+
+
+def check_same_vocabulary(
+    expert_tokenizer: PreTrainedTokenizerBase,
+    amateur_tokenizer: PreTrainedTokenizerBase,
+    *,
+    expert_name: str = "expert",
+    amateur_name: str = "amateur",
+) -> int:
+    """Return the number of shared token ids, or raise ``TokenizerMismatchError`` naming both models.
+
+    The ids both tokenizers define must carry the same tokens, and a probe text must encode to the
+    same ids (this also catches different pre-tokenisation or normalisation with equal vocabularies).
+    """
+    expert_vocab = _id_to_token(expert_tokenizer)
+    amateur_vocab = _id_to_token(amateur_tokenizer)
+    shared = min(len(expert_vocab), len(amateur_vocab))
+    differing = [i for i in range(shared) if expert_vocab.get(i) != amateur_vocab.get(i)]
+    if differing:
+        examples = ", ".join(
+            f"id {i}: {expert_vocab.get(i)!r} vs {amateur_vocab.get(i)!r}" for i in differing[:3]
+        )
+        raise TokenizerMismatchError(
+            f"tokenizers of {expert_name} and {amateur_name} differ on {len(differing)} of their "
+            f"{shared} shared ids ({examples}); contrastive methods need the same vocabulary"
+        )
+    expert_ids = expert_tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    amateur_ids = amateur_tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if expert_ids != amateur_ids:
+        raise TokenizerMismatchError(
+            f"tokenizers of {expert_name} and {amateur_name} share a vocabulary but encode text "
+            f"differently (probe text: {len(expert_ids)} vs {len(amateur_ids)} tokens)"
+        )
+    return shared
+
+
+def output_vocab_size(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+@dataclass
+class SeparateAmateur:
+    """An independent amateur model; ``vocab_size`` is the id range shared with the expert."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    vocab_size: int
+    kind: str = "separate"
+
+
+def make_separate_amateur(
+    expert: PreTrainedModel,
+    expert_tokenizer: PreTrainedTokenizerBase,
+    amateur: PreTrainedModel,
+    amateur_tokenizer: PreTrainedTokenizerBase,
+    *,
+    expert_name: str = "expert",
+    amateur_name: str = "amateur",
+) -> SeparateAmateur:
+    check_same_vocabulary(expert_tokenizer, amateur_tokenizer, expert_name=expert_name, amateur_name=amateur_name)
+    # An lm_head may be padded past its tokenizer; contrast over the id range both heads score.
+    vocab_size = min(output_vocab_size(expert), output_vocab_size(amateur))
+    return SeparateAmateur(amateur.eval(), amateur_tokenizer, amateur_name, vocab_size)
+
+
+def _decoder_stack(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """(decoder, its layer list, its final norm) for Llama-style and Gemma3-style causal LMs."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    if decoder is None or not isinstance(layers, nn.ModuleList) or norm is None:
+        raise CannotSplitModelError(
+            f"cannot build an early-exit amateur from {type(model).__name__}: cdlm needs a decoder "
+            "with a `layers` ModuleList and a final `norm` (Llama, Mistral, Qwen2, Gemma3, ...)"
+        )
+    return decoder, layers, norm
+
+
+class EarlyExitAmateur:
+    """The expert's first ``num_layers`` layers + its final norm and lm_head, sharing all weights."""
+
+    kind = "early-exit"
+
+    def __init__(self, expert: PreTrainedModel, num_layers: int):
+        decoder, layers, norm = _decoder_stack(expert)
+        total = len(layers)
+        if not 1 <= num_layers < total:
+            raise CannotSplitModelError(
+                f"early exit after {num_layers} layers is impossible: {type(expert).__name__} has "
+                f"{total} decoder layers, choose 1..{total - 1}"
+            )
+        self.expert = expert
+        self.exit_layer = num_layers
+        self.name = f"{getattr(expert.config, 'name_or_path', '') or type(expert).__name__}[:{num_layers}]"
+        self.vocab_size = output_vocab_size(expert)
+        self._layer = layers[num_layers - 1]
+        self._norm = norm
+        self._head = expert.get_output_embeddings()
+        self._softcap = getattr(expert.config, "final_logit_softcapping", None)
+        self.model = self._build_shell(expert, decoder, layers, num_layers)
+
+    @staticmethod
+    def _build_shell(
+        expert: PreTrainedModel, decoder: nn.Module, layers: nn.ModuleList, num_layers: int
+    ) -> PreTrainedModel:
+        """A model of the expert's class with a truncated config whose modules *are* the expert's."""
+        config = copy.deepcopy(expert.config)
+        config.num_hidden_layers = num_layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:num_layers]
+        with torch.device("meta"):
+            shell = type(expert)(config)
+        shell_decoder = shell.get_decoder()
+        for name, child in decoder.named_children():
+            replacement = nn.ModuleList(list(layers)[:num_layers]) if name == "layers" else child
+            setattr(shell_decoder, name, replacement)
+        for name, child in expert.named_children():
+            if child is not decoder:
+                setattr(shell, name, child)
+        leftovers = [n for n, t in [*shell.named_parameters(), *shell.named_buffers()] if t.is_meta]
+        if leftovers:
+            raise CannotSplitModelError(
+                f"cannot share {type(expert).__name__}'s weights with an early-exit amateur; "
+                f"unshared tensors: {leftovers[:5]}"
+            )
+        shell.generation_config = copy.deepcopy(expert.generation_config)
+        return shell.eval()
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Amateur logits from the output of expert layer ``exit_layer`` (before the final norm)."""
+        logits = self._head(self._norm(hidden))
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[torch.Tensor]]:
+        """Record layer ``exit_layer``'s output on every expert forward pass inside the block.
+
+        Yields a list that receives one (batch, seq, hidden) tensor per forward; callers pop them.
+        A forward hook keeps ``generate()`` untouched and costs no extra compute.
+        """
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = self._layer.register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
