@@ -29,7 +29,7 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def _write_tiny_gguf(path: Path) -> None:
+def _write_tiny_gguf(path: Path, add_bos: bool = False) -> None:
     """A genuine GGUF file of a tiny Llama (F32 tensors, GPT-2 style BPE vocab) written with `gguf`.
 
     Tensor names and metadata keys follow llama.cpp's conventions, which is what transformers' GGUF
@@ -61,7 +61,7 @@ def _write_tiny_gguf(path: Path) -> None:
     writer.add_bos_token_id(testing.BOS_ID)
     writer.add_eos_token_id(testing.EOS_ID)
     writer.add_pad_token_id(testing.PAD_ID)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
 
     def permute(weight: torch.Tensor, heads: int) -> np.ndarray:
         rows, cols = weight.shape
@@ -131,6 +131,15 @@ def test_gguf_file_miss_then_hit_gives_identical_model(tiny_gguf, cache_dir):
     # The GGUF's tokenizer maps text to the same ids as the tokenizer it was written from.
     text = "Question: 12 + 30 = 42"
     assert second.tokenizer(text, add_special_tokens=False)["input_ids"] == testing.tiny_tokenizer()(text)["input_ids"]
+
+
+def test_gguf_add_bos_flag_is_honoured(tmp_path, cache_dir):
+    """transformers 5.x drops the GGUF's add_bos_token; cdlm's cache restores it (Gemma-3 needs it)."""
+    path = tmp_path / "bos.gguf"
+    _write_tiny_gguf(path, add_bos=True)
+    loaded = load_model(str(path), device="cpu")
+    assert loaded.tokenizer("The quick")["input_ids"][0] == testing.BOS_ID
+    assert load_model(str(path), device="cpu").tokenizer("The quick")["input_ids"][0] == testing.BOS_ID  # from cache
 
 
 def test_gguf_inside_folder_via_gguf_file(tiny_gguf, cache_dir):

@@ -8,10 +8,12 @@ import json
 from cdlm.cli.common import add_method_arguments, add_model_arguments, build_method, load_from_args, progress
 from cdlm.decoding.runner import generate
 
-DEFAULT_PROMPTS = [
-    "Explain in two sentences why the sky is blue.",
-    "Write a short poem about the sea.",
-    "What is 17 + 25? Answer step by step.",
+# (prompt, contrastive prompt) pairs for the demo: contrastive input decoding favours what the
+# prompt asks for over what the generic contrastive prompt would also produce.
+DEMO_PAIRS = [
+    ("Explain in two sentences why the sky is blue.", "Explain in two sentences."),
+    ("Write a short poem about the sea.", "Write a short poem."),
+    ("What is 17 + 25? Answer step by step.", "Answer step by step."),
 ]
 
 
@@ -39,7 +41,7 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file:
         with open(args.prompts_file, encoding="utf-8") as handle:
             prompts += [line.rstrip("\n") for line in handle if line.strip()]
-    return prompts or list(DEFAULT_PROMPTS)
+    return prompts or [prompt for prompt, _ in DEMO_PAIRS]
 
 
 def _render(tokenizer, prompts: list[str], chat: bool) -> list[str]:
@@ -54,6 +56,8 @@ def _render(tokenizer, prompts: list[str], chat: bool) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     contrastive = args.contrastive_prompt
+    if contrastive is None and not (args.prompt or args.prompts_file):
+        contrastive = [other for _, other in DEMO_PAIRS]
     if contrastive is not None and len(contrastive) != len(prompts):
         raise ValueError(f"got {len(contrastive)} --contrastive-prompt for {len(prompts)} prompts; give one per prompt")
     loaded = load_from_args(args)

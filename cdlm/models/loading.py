@@ -75,12 +75,29 @@ def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> PreT
     return tokenizer
 
 
+# Bump when what is written into a cache entry changes (so older entries are not reused).
+CACHE_LAYOUT = 2
+
+
+def _gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
+    """The GGUF's own ``add_bos_token``/``add_eos_token`` flags, where it records them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    flags = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            flags[flag] = bool(field.parts[field.data[0]][0])
+    return flags
+
+
 def _gguf_cache_entry(gguf_path: Path) -> CacheEntry:
     stat = gguf_path.stat()
     # The key covers the file's identity and the transformers release: GGUF tokenizer conversion
     # (BOS handling in particular) has changed between releases.
     stem = gguf_path.name.removesuffix(".gguf")
-    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}"
+    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}-c{CACHE_LAYOUT}"
     return CacheEntry(cache_root() / "models" / key)
 
 
@@ -89,6 +106,11 @@ def _dequantise_into(gguf_path: Path, target: Path) -> None:
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers 5.x's GGUF tokenizer conversion ignores the file's add_bos_token flag (Gemma-3's
+    # GGUF says True; without its BOS the model degenerates into repeating itself). Honour the file.
+    for flag, value in _gguf_special_token_flags(gguf_path).items():
+        if getattr(tokenizer, flag, value) != value:
+            setattr(tokenizer, flag, value)
     # The weights are plain float32 tensors now; drop the GGUF marker so save_pretrained accepts them.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
