@@ -1,0 +1,197 @@
+"""``cdlm distill``: DistiLLM-2 distillation. ``generate`` builds (teacher, student) response pairs,
+``train`` trains the student on them and saves it (loadable as a contrastive-decoding amateur)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cdlm.cli.common import progress
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="DistiLLM-2 contrastive distillation: generate pairs, train a student",
+        description="Distil a teacher into a smaller student that shares its tokenizer (DistiLLM-2, Ko et al. 2025).",
+    )
+    actions = parser.add_subparsers(dest="distill_command", required=True, metavar="ACTION")
+
+    gen = actions.add_parser("generate", help="generate one teacher and one student response per prompt (resumable)")
+    _add_models(gen)
+    gen.add_argument("--prompts-file", required=True, help="text file (one prompt per line) or JSON lines")
+    gen.add_argument("--prompt-field", default=None, help="JSON-lines field holding the prompt (default: prompt/question/instruction)")
+    gen.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    gen.add_argument("--output", required=True, help="pair file to write/append (JSON lines)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--teacher-temperature", type=float, default=0.0, help="0: greedy teacher responses (default)")
+    gen.add_argument("--student-temperature", type=float, default=1.0, help="0: greedy student responses")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
+    gen.add_argument("--no-score", dest="score", action="store_false", help="skip the log-prob anchors (adaptive alpha then computes them)")
+    gen.set_defaults(func=run_generate)
+
+    train = actions.add_parser("train", help="train the student with DistiLLM-2 (or CALD / plain KD) on a pair file")
+    _add_models(train)
+    train.add_argument("--pairs", required=True, help="pair file from `cdlm distill generate`")
+    train.add_argument("--eval-pairs", default=None, help="held-out pair file: agreement metrics before/after")
+    train.add_argument("--output-dir", required=True, help="where the trained student (and tokenizer) is saved")
+    train.add_argument("--loss-type", default="distillm2", choices=["distillm2", "cald", "skl", "srkl", "fkl"])
+    train.add_argument("--alpha", type=float, default=0.1, help="skew, in (0, 1)")
+    train.add_argument("--beta", type=float, default=0.5, help="weight of SRKL on student responses, in [0, 1]")
+    train.add_argument("--beta-schedule", default="constant", choices=["constant", "linear"])
+    train.add_argument("--beta-increase", type=float, default=0.5)
+    train.add_argument("--beta-max", type=float, default=1.0)
+    train.add_argument("--adaptive-alpha", action="store_true", help="per-sample alpha curriculum (Algorithm 1)")
+    train.add_argument("--alpha-min", type=float, default=0.01)
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=5e-5)
+    train.add_argument("--max-length", type=int, default=1024)
+    train.add_argument("--chunk-size", type=int, default=256)
+    train.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains all weights (default)")
+    train.add_argument("--lora-alpha", type=int, default=16)
+    train.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    train.add_argument("--resample-every-epoch", action="store_true", help="on-policy: regenerate student responses each epoch")
+    train.add_argument("--resample-max-new-tokens", type=int, default=128)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.set_defaults(func=run_train)
+
+
+def _add_models(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--teacher", required=True, help="teacher: registered name, folder, GGUF file or hub id")
+    group.add_argument("--student", required=True, help="student (shares the teacher's tokenizer): same kinds of reference")
+    group.add_argument("--dtype", default="auto")
+    group.add_argument("--device", default="auto")
+    group.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _load_pair(args: argparse.Namespace, *, student_dtype: str | None = None):
+    from cdlm.models import load_model
+    from cdlm.models.amateur import check_same_vocabulary
+
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
+    student = load_model(args.student, dtype=student_dtype or args.dtype, device=args.device)
+    check_same_vocabulary(teacher.tokenizer, student.tokenizer, expert_name=args.teacher, amateur_name=args.student)
+    progress(f"teacher {teacher.source} ({teacher.load_seconds:.1f}s), student {student.source} ({student.load_seconds:.1f}s)")
+    return teacher, student
+
+
+def _sampling(temperature: float, top_p: float):
+    from cdlm.alignment.distill_data import SamplingSettings
+
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature == 0:
+        return SamplingSettings(do_sample=False)
+    return SamplingSettings(do_sample=True, temperature=temperature, top_p=top_p)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs, read_prompts
+
+    prompts = read_prompts(args.prompts_file, args.prompt_field, args.limit)
+    settings = PairGenerationSettings(
+        teacher=args.teacher,
+        student=args.student,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat,
+        teacher_sampling=_sampling(args.teacher_temperature, args.top_p),
+        student_sampling=_sampling(args.student_temperature, args.top_p),
+        seed=args.seed,
+        score=args.score,
+    )
+    teacher, student = _load_pair(args)
+    rows = generate_pairs(
+        prompts,
+        teacher=teacher.model,
+        student=student.model,
+        tokenizer=teacher.tokenizer,
+        student_tokenizer=student.tokenizer,
+        output=args.output,
+        settings=settings,
+        batch_size=args.batch_size,
+        on_batch=lambda done, total: progress(f"[distill generate] {done}/{total} prompts"),
+    )
+    print(json.dumps({"pairs": len(rows), "output": str(args.output)}))
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from cdlm.alignment.distill_data import read_pairs
+    from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
+
+    # Build the config first: bad alpha/beta/loss settings fail before any model is loaded.
+    config = DistiLLM2Config(
+        output_dir=args.output_dir,
+        loss_type=args.loss_type,
+        alpha=args.alpha,
+        beta=args.beta,
+        beta_schedule=args.beta_schedule,
+        beta_increase=args.beta_increase,
+        beta_max=args.beta_max,
+        adaptive_alpha=args.adaptive_alpha,
+        alpha_min=args.alpha_min,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        chunk_size=args.chunk_size,
+        resample_student_every_epoch=args.resample_every_epoch,
+        resample_max_new_tokens=args.resample_max_new_tokens,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=args.device == "cpu",
+        dataloader_pin_memory=args.device != "cpu",
+    )
+    pairs = read_pairs(args.pairs)
+    eval_pairs = read_pairs(args.eval_pairs) if args.eval_pairs else None
+    teacher, student = _load_pair(args, student_dtype="float32")
+    peft_config = None
+    if args.lora_r > 0:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM"
+        )
+    trainer = DistiLLM2Trainer(
+        student.model,
+        teacher.model,
+        args=config,
+        train_dataset=pairs,
+        processing_class=student.tokenizer,
+        teacher_processing_class=teacher.tokenizer,
+        peft_config=peft_config,
+    )
+    report: dict = {"pairs": len(pairs), "loss_type": args.loss_type}
+    pad = student.tokenizer.pad_token_id
+    if eval_pairs:
+        report["before"] = distillation_metrics(trainer.model, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
+    result = trainer.train()
+    report["train_loss"] = result.training_loss
+    trained = trainer.model
+    if peft_config is not None:
+        trained = trained.merge_and_unload()
+    if eval_pairs:
+        report["after"] = distillation_metrics(trained, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
+    output = Path(args.output_dir)
+    trained.save_pretrained(output)
+    student.tokenizer.save_pretrained(output)
+    (output / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    progress(f"saved the student to {output} (use it as an amateur: --amateur {output})")
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,123 @@
+"""``cdlm eval`` (one task, one method) and ``cdlm compare`` (several methods, same examples, one table/plot)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cdlm.cli.common import add_method_arguments, add_model_arguments, build_method, load_from_args, progress
+from cdlm.decoding.methods import _METHODS
+
+TASK_CHOICES = ("gsm8k", "gsm8k_cot", "hellaswag")
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("task")
+    group.add_argument("--task", required=True, help=f"one of {', '.join(TASK_CHOICES)}")
+    group.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (N > 0)")
+    group.add_argument("--num-fewshot", type=int, default=None, help="few-shot exemplars (default: gsm8k 5, gsm8k_cot 8, hellaswag 0)")
+    group.add_argument("--data", default=None, help="a jsonl(.gz) file of task rows, or 'hub' (default: the packaged copy)")
+    group.add_argument("--fewshot-data", default=None, help="gsm8k: jsonl file of train rows for the exemplars")
+    group.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: token budget (lm-eval: 256)")
+    group.add_argument("--batch-size", type=int, default=8, help="examples per forward/generate batch")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--naive-scoring", action="store_true", help="hellaswag: one full forward per ending (lm-eval style)")
+    group.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a decoding method on GSM8K or HellaSwag",
+        description="Evaluate one decoding method on gsm8k, gsm8k_cot or hellaswag (lm-eval 0.4.x formats). "
+        "Rerunning with the same --output-dir resumes.",
+    )
+    add_model_arguments(parser)
+    add_method_arguments(parser)
+    _add_task_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="run folder (default: runs/eval/<task>-<method>)")
+    parser.add_argument("--json", action="store_true", help="print the results JSON instead of a table")
+    parser.set_defaults(func=run_eval)
+
+    compare = subparsers.add_parser(
+        "compare",
+        help="compare several decoding methods on the same examples",
+        description="Run several methods on the same task examples and print one table (+ PNG plot).",
+    )
+    add_model_arguments(compare)
+    add_method_arguments(compare, multiple=True)
+    compare.add_argument("--methods", default=None, help="comma-separated methods, e.g. greedy,cd,cs")
+    _add_task_arguments(compare)
+    compare.add_argument("--output-dir", default=None, help="folder for per-method runs + compare.{json,md,png} (default: runs/compare/<task>)")
+    compare.set_defaults(func=run_compare)
+
+
+def _check_task_and_methods(task: str, methods: list[str]) -> None:
+    if task not in TASK_CHOICES:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    for name in methods:
+        if name not in _METHODS:
+            raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(_METHODS)}")
+    if not methods:
+        raise ValueError("no methods given")
+
+
+def _config(args: argparse.Namespace):
+    from cdlm.eval_harness import EvalConfig
+
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be a positive number of examples, got {args.limit}")
+    return EvalConfig(
+        task=args.task,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        data=args.data,
+        fewshot_data=args.fewshot_data,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shared_context=not args.naive_scoring,
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from cdlm.eval_harness import evaluate
+    from cdlm.eval_harness.report import text_table
+
+    _check_task_and_methods(args.task, [args.method])
+    config = _config(args)
+    loaded = load_from_args(args)
+    method = build_method(args.method, args, loaded, {})
+    output = Path(args.output_dir or f"runs/eval/{args.task}-{args.method}")
+    result = evaluate(loaded, method, config, output, overwrite=args.overwrite, progress=progress)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text_table([result]), end="")
+        progress(f"results: {output / 'results.json'}; per-example outputs: {output / 'samples.jsonl'}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from cdlm.eval_harness import evaluate
+    from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
+    from cdlm.eval_harness.report import markdown_table, plot, text_table
+
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] + list(args.method or [])
+    methods = list(dict.fromkeys(methods or ["greedy"]))
+    _check_task_and_methods(args.task, methods)
+    config = _config(args)
+    loaded = load_from_args(args)
+    output = Path(args.output_dir or f"runs/compare/{args.task}")
+    amateurs: dict = {}
+    results = []
+    for name in methods:
+        method = build_method(name, args, loaded, amateurs)
+        results.append(evaluate(loaded, method, config, output / name, overwrite=args.overwrite, progress=progress))
+    atomic_write_json(output / "compare.json", {"task": args.task, "methods": methods, "runs": results})
+    atomic_write_text(output / "compare.md", markdown_table(results))
+    picture = plot(results, output / "compare.png", title=f"{args.task} ({loaded.reference}, n={results[0]['n_samples']})")
+    print(text_table(results), end="")
+    progress(f"table: {output / 'compare.md'}" + (f"; plot: {picture}" if picture else " (install matplotlib for a plot)"))
+    return 0

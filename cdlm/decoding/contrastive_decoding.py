@@ -1,0 +1,271 @@
+"""Contrastive decoding (CD) as ``transformers`` logits processors: drop-in for ``model.generate()``.
+
+CD prefers tokens the expert likes *more than* a weaker amateur does, restricted to tokens the
+expert itself finds plausible. With expert log-probs ``lp_e`` and amateur log-probs ``lp_a``
+(amateur logits divided by the temperature ``tau`` first), on the plausible set
+``V_head = {v : p_e(v) >= alpha * max_w p_e(w)}`` (-inf elsewhere):
+
+* ``formulation="li"`` (Li et al. 2022, arXiv 2210.15097): ``lp_e(v) - lp_a(v)``; alpha = 0.1.
+* ``formulation="obrien-lewis"`` (O'Brien & Lewis 2023, arXiv 2309.09117, the default):
+  ``(1 + beta) * s_e(v) - beta * s_a(v)``; alpha = 0.1, beta = 0.5. The paper writes it on raw
+  logits; we use log-probs, which differ by a per-row constant (same greedy choice, same sampling
+  distribution) and give beam search comparable scores across beams. beta = 0 is plain greedy.
+
+Two processors, one per kind of amateur:
+
+* ``ContrastiveDecodingLogitsProcessor``: any separate amateur (own weights, device, dtype). It
+  runs the amateur incrementally with its own KV cache and follows beam reorders (see
+  ``cdlm.decoding._amateur_state``).
+* ``EarlyExitContrastiveLogitsProcessor``: the amateur is the expert's first N layers. A forward
+  hook on layer N records its output during the expert's own forward pass, and the processor
+  turns it into amateur logits with the expert's final norm and lm_head: no second forward, no
+  second cache, and beam reorders need no handling (the hidden states already belong to the rows
+  ``generate()`` just ran). A hook was chosen over a ``custom_generate`` callable because it keeps
+  the processor a plain ``LogitsProcessor`` (works with every decoding mode, no reliance on
+  ``generate()``'s private mode methods); its lifetime is managed by the processor: the hook is
+  removed by ``close()``, on leaving a ``with`` block, or when the processor is garbage-collected.
+
+``contrastive_decoding_processor(amateur, ...)`` picks the right one. Sampling warpers
+(temperature, top-k, top-p) run after these processors in ``generate()``, i.e. on the contrast.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import BatchEncoding, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from cdlm.decoding._amateur_state import IncrementalBranch
+from cdlm.decoding._contrast import check_alpha, check_formulation, check_non_negative, check_positive, contrast
+from cdlm.decoding.methods import DecodingMethod, Param
+from cdlm.models.amateur import EarlyExitAmateur, SeparateAmateur
+
+DEFAULT_ALPHA = 0.1
+DEFAULT_BETA = 0.5
+DEFAULT_FORMULATION = "obrien-lewis"
+
+
+class _ContrastiveScoring:
+    """Hyperparameters and the scoring rule shared by both CD processors."""
+
+    def _init_scoring(self, alpha: float, beta: float, formulation: str, amateur_temperature: float) -> None:
+        self.alpha = check_alpha(alpha)
+        self.beta = check_non_negative("beta", beta)
+        self.formulation = check_formulation(formulation)
+        self.amateur_temperature = check_positive("amateur_temperature", amateur_temperature)
+
+    def _contrast(self, scores: torch.Tensor, amateur_logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+        if vocab_size is not None:
+            amateur_logits = amateur_logits[:, :vocab_size]
+        return contrast(
+            scores,
+            amateur_logits,
+            alpha=self.alpha,
+            weight=1.0 if self.formulation == "li" else self.beta,
+            formulation=self.formulation,
+            other_temperature=self.amateur_temperature,
+        )
+
+
+class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
+    """Contrastive decoding against a separate amateur model that keeps its own KV cache.
+
+    Args:
+        amateur: a ``SeparateAmateur`` (from ``make_separate_amateur``, which checks the
+            tokenizers) or a bare causal LM that uses the expert's token ids. It may sit on another
+            device or dtype than the expert; its logits are brought to the expert's device as float32.
+        alpha: plausibility threshold in (0, 1].
+        beta: contrast strength for the O'Brien-Lewis form (>= 0; unused by the Li form).
+        formulation: ``"obrien-lewis"`` (default) or ``"li"``.
+        amateur_temperature: tau > 0 applied to the amateur's logits.
+        attention_mask: the prompt's attention mask, as passed to ``generate()``. Recommended with
+            padded batches; without it, leading ``pad_token_id`` tokens are treated as left padding.
+        pad_token_id: defaults to the amateur's ``generation_config.pad_token_id``.
+        vocab_size: contrast only ids below this (defaults to ``SeparateAmateur.vocab_size``, else
+            the smaller of the two vocabularies); other ids get -inf.
+
+    Create one processor per ``generate()`` call; reusing one on a new prompt restarts its cache.
+    """
+
+    def __init__(
+        self,
+        amateur: SeparateAmateur | PreTrainedModel,
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
+        formulation: str = DEFAULT_FORMULATION,
+        amateur_temperature: float = 1.0,
+        attention_mask: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+        vocab_size: int | None = None,
+    ):
+        self._init_scoring(alpha, beta, formulation, amateur_temperature)
+        if isinstance(amateur, EarlyExitAmateur):
+            raise TypeError(
+                "an EarlyExitAmateur needs no second model: use EarlyExitContrastiveLogitsProcessor "
+                "(or contrastive_decoding_processor), or pass amateur.model to run it as a separate model"
+            )
+        model = amateur.model if isinstance(amateur, SeparateAmateur) else amateur
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"amateur must be a SeparateAmateur or a causal LM, got {type(amateur).__name__}")
+        if vocab_size is None and isinstance(amateur, SeparateAmateur):
+            vocab_size = amateur.vocab_size
+        if pad_token_id is None:
+            pad_token_id = model.generation_config.pad_token_id
+        self.vocab_size = vocab_size
+        self.branch = IncrementalBranch(model, pad_token_id=pad_token_id, prompt_attention_mask=attention_mask)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self._contrast(scores, self.branch.next_logits(input_ids), self.vocab_size)
+
+
+@dataclass
+class _HiddenSlot:
+    """What the forward hook writes: the last position of layer N's output and a forward counter.
+
+    The hook closes over this slot, not over the processor, so the layer's hook table does not keep
+    the processor alive (which would stop garbage collection from ever removing the hook).
+    """
+
+    last_hidden: torch.Tensor | None = None
+    forwards: int = 0
+
+
+def _decoder_layer(amateur: EarlyExitAmateur) -> torch.nn.Module:
+    """Layer N of the expert: the shell's last layer is the very same module object."""
+    return amateur.model.get_decoder().layers[amateur.exit_layer - 1]
+
+
+class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
+    """Contrastive decoding whose amateur is the expert's first N layers, read off the expert's pass.
+
+    Use with the expert the amateur was built from::
+
+        amateur = EarlyExitAmateur(model, 8)
+        with EarlyExitContrastiveLogitsProcessor(amateur) as cd:
+            model.generate(**batch, logits_processor=LogitsProcessorList([cd]))
+
+    (Without ``with``, the hook goes away when the processor is garbage-collected or ``close()``d.)
+    The hook keeps only the newest layer-N output (last position, cloned), so a forgotten processor
+    holds O(rows x hidden) memory, never a growing list.
+    """
+
+    def __init__(
+        self,
+        amateur: EarlyExitAmateur,
+        *,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
+        formulation: str = DEFAULT_FORMULATION,
+        amateur_temperature: float = 1.0,
+    ):
+        self._init_scoring(alpha, beta, formulation, amateur_temperature)
+        if not isinstance(amateur, EarlyExitAmateur):
+            raise TypeError(f"expected an EarlyExitAmateur, got {type(amateur).__name__}")
+        self.amateur = amateur
+        self.vocab_size = amateur.vocab_size
+        self._slot = _HiddenSlot()
+        self._consumed = 0
+        slot = self._slot
+
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            slot.last_hidden = hidden[:, -1, :].clone()
+            slot.forwards += 1
+
+        handle = _decoder_layer(amateur).register_forward_hook(hook)
+        self._finalizer = weakref.finalize(self, handle.remove)
+
+    @property
+    def attached(self) -> bool:
+        return self._finalizer.alive
+
+    def close(self) -> None:
+        """Remove the forward hook from the expert; the processor cannot be used afterwards."""
+        self._finalizer()
+        self._slot.last_hidden = None
+
+    def __enter__(self) -> "EarlyExitContrastiveLogitsProcessor":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        slot = self._slot
+        if not self.attached:
+            raise RuntimeError("this early-exit contrastive decoding processor was closed; create a new one")
+        if slot.forwards == self._consumed or slot.last_hidden is None:
+            raise RuntimeError(
+                "no expert forward pass reached the early-exit layer since the last step: pass this processor "
+                "to generate() of the expert model its EarlyExitAmateur was built from"
+            )
+        hidden = slot.last_hidden
+        if hidden.shape[0] != scores.shape[0]:
+            raise RuntimeError(
+                f"the captured layer-{self.amateur.exit_layer} output has {hidden.shape[0]} rows but the scores have "
+                f"{scores.shape[0]}: was another forward pass of the expert interleaved with generate()?"
+            )
+        self._consumed = slot.forwards
+        slot.last_hidden = None
+        with torch.no_grad():
+            amateur_logits = self.amateur.logits_from_hidden(hidden)
+        return self._contrast(scores, amateur_logits, self.vocab_size)
+
+
+def contrastive_decoding_processor(
+    amateur: EarlyExitAmateur | SeparateAmateur | PreTrainedModel,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    pad_token_id: int | None = None,
+    **hyperparameters: Any,
+) -> ContrastiveDecodingLogitsProcessor | EarlyExitContrastiveLogitsProcessor:
+    """The right CD processor for ``amateur`` (hook-based for early exit, cached second model otherwise)."""
+    if isinstance(amateur, EarlyExitAmateur):
+        return EarlyExitContrastiveLogitsProcessor(amateur, **hyperparameters)
+    return ContrastiveDecodingLogitsProcessor(
+        amateur, attention_mask=attention_mask, pad_token_id=pad_token_id, **hyperparameters
+    )
+
+
+class ContrastiveDecodingMethod(DecodingMethod):
+    """``cdlm generate --method cd``: greedy (or beam) decoding on the contrastive-decoding scores."""
+
+    name = "cd"
+    description = "contrastive decoding: expert minus amateur on the expert's plausible tokens"
+    needs_amateur = True
+    params = (
+        Param("alpha", float, DEFAULT_ALPHA, "plausibility threshold in (0, 1]: keep tokens with p >= alpha * max p"),
+        Param("beta", float, DEFAULT_BETA, "contrast strength >= 0 (O'Brien-Lewis form; 0 = greedy)"),
+        Param("amateur_temperature", float, 1.0, "temperature > 0 applied to the amateur's logits"),
+        Param("cd_formulation", str, DEFAULT_FORMULATION, "obrien-lewis ((1+beta) s_e - beta s_a) or li (lp_e - lp_a)"),
+        Param("num_beams", int, 1, "beam search width (1: greedy)"),
+    )
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        hp = self.hyperparameters
+        check_alpha(hp["alpha"])
+        check_non_negative("beta", hp["beta"])
+        check_positive("amateur_temperature", hp["amateur_temperature"])
+        check_formulation(hp["cd_formulation"])
+        if hp["num_beams"] < 1:
+            raise ValueError(f"num_beams must be >= 1, got {hp['num_beams']}")
+        if isinstance(self.amateur, EarlyExitAmateur) and self.amateur.expert is not model:
+            raise ValueError("the early-exit amateur was built from a different model than the expert being decoded")
+
+    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
+        hp = self.hyperparameters
+        processor = contrastive_decoding_processor(
+            self.amateur,
+            alpha=hp["alpha"],
+            beta=hp["beta"],
+            formulation=hp["cd_formulation"],
+            amateur_temperature=hp["amateur_temperature"],
+            attention_mask=batch.get("attention_mask"),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}

@@ -1,0 +1,449 @@
+"""Contrastive search (Su et al. 2022) as a ``custom_generate`` callable for transformers 5.
+
+Contrastive search keeps the ``top_k`` most likely next tokens and picks the one maximising
+
+    (1 - penalty_alpha) * p(v | x<t)  -  penalty_alpha * max_j cos(h_v, h_j)
+
+where ``h_v`` is the last hidden state of candidate ``v`` and ``h_j`` those of every earlier token
+(prompt included, padding excluded). transformers moved it out of core after 4.55; this module
+reproduces 4.55.4's built-in implementation token for token (``tests/test_contrastive_search.py``
+checks a recorded fixture) while doing less work per step:
+
+* the ``k`` candidates of every row run as one batched forward of ``B * k`` one-token rows over a
+  cache that stays ``B * k`` rows wide for the whole generation: the ``k`` rows of a prompt are
+  identical except at the newest position, so keeping the winner means copying that one position
+  into its siblings (4.55.4 repeats the whole cache ``k`` times and then gathers the winners' rows,
+  two full cache copies per step);
+* only the transformer body runs on the candidates; the LM head (the ``vocab x hidden`` matmul, the
+  biggest single matrix in small models) runs on the ``B`` winners only, since only their logits are
+  needed for the next step;
+* the context's hidden states are normalised once, when their token is chosen, into a buffer sized
+  for the whole generation, instead of re-normalising (and repeating ``k`` times) the full context
+  at every step.
+
+Use it through ``generate()``::
+
+    out = model.generate(input_ids, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4,
+                         max_new_tokens=64)
+
+or call :func:`contrastive_search_generate`, which does the same with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    BatchEncoding,
+    DynamicCache,
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from cdlm.decoding.methods import DecodingMethod, Param
+
+DEFAULT_PENALTY_ALPHA = 0.6
+DEFAULT_TOP_K = 4
+# Cache layers whose newest position is the last one along dim -2 of ``keys``/``values``.
+_LAST_POSITION_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+
+__all__ = [
+    "ContrastiveSearchMethod",
+    "contrastive_search",
+    "contrastive_search_generate",
+    "validate_contrastive_search_params",
+]
+
+
+def validate_contrastive_search_params(penalty_alpha: Any, top_k: Any) -> tuple[float, int]:
+    """Check and normalise the two hyperparameters; ``ValueError`` names the bad one."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an integer >= 1 for contrastive search, got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 for contrastive search, got {top_k}")
+    try:
+        alpha = float(penalty_alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"penalty_alpha must be a number in [0, 1], got {penalty_alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"penalty_alpha must be in [0, 1], got {penalty_alpha}")
+    return alpha, top_k
+
+
+class _Forward:
+    """Runs the model on candidates and turns chosen hidden states into logits.
+
+    The fast path calls the transformer body (``model.base_model``) and applies the LM head (and
+    Gemma-style final logit soft-capping) itself, so the head runs on the winners only. It is used only
+    after checking, on the prefill, that it reproduces the model's own logits; otherwise every call goes
+    through the full model with ``output_hidden_states=True`` (slower, same tokens).
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.body = model.base_model if model.base_model is not model else None
+        self.head = model.get_output_embeddings()
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.fast = False
+        self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def prefill(self, input_ids, attention_mask, position_ids, cache, extra):
+        """Last hidden states (B, T, H), float32 next-token logits (B, V) and every layer's hidden states."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+            return_dict=True,
+            **({"logits_to_keep": 1} if self.accepts_logits_to_keep else {}),
+            **extra,
+        )
+        if getattr(outputs, "hidden_states", None) is None:
+            raise ValueError(
+                f"{type(self.model).__name__} did not return hidden states (output_hidden_states=True); "
+                "contrastive search needs the last hidden state of every token"
+            )
+        hidden = outputs.hidden_states[-1]
+        logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+        all_hidden = outputs.hidden_states
+        if self.body is not None and isinstance(self.head, nn.Module):
+            with torch.no_grad():
+                check = self.head_logits(hidden[:, -1:, :])[:, -1, :].float()
+            self.fast = check.shape == logits.shape and torch.allclose(check, logits, rtol=1e-4, atol=1e-4)
+        return hidden, logits, all_hidden
+
+    def candidates(self, token_ids, attention_mask, position_ids, cache):
+        """Last hidden states (N, H) of one new token per row, their float32 logits (N, V) if computed, and
+        (full path only) every layer's hidden states."""
+        kwargs = dict(
+            input_ids=token_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        if self.fast:
+            hidden = self.body(**kwargs, return_dict=True).last_hidden_state
+            return hidden[:, -1, :], None, None
+        outputs = self.model(**kwargs, output_hidden_states=True, return_dict=True)
+        if getattr(outputs, "hidden_states", None) is None:
+            raise ValueError(f"{type(self.model).__name__} did not return hidden states; contrastive search needs them")
+        return outputs.hidden_states[-1][:, -1, :], outputs.logits[:, -1, :].float(), outputs.hidden_states
+
+
+def _positions(attention_mask: torch.Tensor | None, batch_size: int, length: int, device) -> torch.Tensor:
+    """Position ids as 4.55's ``prepare_inputs_for_generation`` builds them (left padding aware)."""
+    if attention_mask is None:
+        return torch.arange(length, device=device).unsqueeze(0).expand(batch_size, -1)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _keep_winners(cache, source_rows: torch.Tensor) -> None:
+    """Make cache row ``i`` hold what row ``source_rows[i]`` holds (winner of its group of k rows).
+
+    The k rows of a group are identical copies up to the last position: they all started from the
+    same winner and only the candidate step appended different keys/values. So for plain dynamic
+    layers copying the last position suffices; any other layer type gets the general batch gather.
+    """
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if type(layer) in _LAST_POSITION_LAYERS and isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            layer.keys[:, :, -1] = layer.keys[source_rows, :, -1]
+            layer.values[:, :, -1] = layer.values[source_rows, :, -1]
+        else:
+            layer.batch_select_indices(source_rows)
+    if not hasattr(cache, "layers"):
+        cache.batch_select_indices(source_rows)
+
+
+def contrastive_search(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    generation_config: GenerationConfig | None = None,
+    synced_gpus: bool = False,
+    streamer=None,
+    penalty_alpha: float | None = None,
+    top_k: int | None = None,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Contrastive search decoding loop, with the signature transformers expects of a ``custom_generate`` callable.
+
+    ``model.generate(..., custom_generate=contrastive_search, penalty_alpha=A, top_k=K)`` prepares the
+    inputs, logits processors, stopping criteria (``max_new_tokens``, EOS, custom criteria) and
+    generation config, then calls this. Because ``penalty_alpha`` and ``top_k`` are parameters of this
+    function, ``generate()`` hands them over directly (and does not warn that ``top_k`` is a sampling
+    flag); when not given they come from a generation config that sets ``penalty_alpha``, else default
+    to 0.6 and 4.
+    Returns the sequences (prompt + new tokens; finished rows padded with ``pad_token_id``) or a
+    ``GenerateDecoderOnlyOutput`` when ``return_dict_in_generate``.
+
+    transformers 5 drops ``generate()``'s ``tokenizer`` and ``streamer`` arguments for callables, so
+    ``stop_strings`` fail there: use :func:`contrastive_search_generate` (which turns them into a
+    ``StopStringCriteria``) or pass ``stopping_criteria=[StopStringCriteria(tokenizer, stops)]``.
+    """
+    if generation_config is None:
+        generation_config = model.generation_config
+    if model.config.is_encoder_decoder:
+        raise ValueError("cdlm's contrastive search supports decoder-only models only")
+    if synced_gpus:
+        raise ValueError("contrastive search does not support synced_gpus")
+    if generation_config.do_sample:
+        raise ValueError("contrastive search is deterministic: pass do_sample=False (or leave it unset)")
+    if (generation_config.num_beams or 1) > 1:
+        raise ValueError(f"contrastive search does not combine with beam search (num_beams={generation_config.num_beams})")
+    if generation_config.output_attentions:
+        raise ValueError("contrastive search does not return attentions (output_attentions=True)")
+    # generate() fills sampling defaults into the config (top_k=50), so the config's top_k only counts
+    # when the config itself asks for contrastive search (its penalty_alpha is set).
+    configured = generation_config.penalty_alpha is not None
+    alpha = penalty_alpha if penalty_alpha is not None else generation_config.penalty_alpha
+    if top_k is None and configured:
+        top_k = generation_config.top_k
+    alpha, top_k = validate_contrastive_search_params(
+        DEFAULT_PENALTY_ALPHA if alpha is None else alpha, DEFAULT_TOP_K if top_k is None else top_k
+    )
+    logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+    stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+    if "inputs_embeds" in model_kwargs and model_kwargs["inputs_embeds"] is not None:
+        raise ValueError("contrastive search needs input_ids, not inputs_embeds")
+
+    attention_mask = model_kwargs.pop("attention_mask", None)
+    cache = model_kwargs.pop("past_key_values", None)
+    for name in (
+        "position_ids", "use_cache", "logits_to_keep", "cache_position", "inputs_embeds",
+        "output_hidden_states", "output_attentions", "return_dict",
+    ):
+        model_kwargs.pop(name, None)
+    extra = {name: value for name, value in model_kwargs.items() if value is not None}
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+    elif cache.get_seq_length() != 0:
+        raise ValueError("contrastive search starts from an empty cache; a pre-filled past_key_values is not supported")
+
+    return _contrastive_search_loop(
+        model,
+        input_ids,
+        attention_mask,
+        cache,
+        alpha,
+        top_k,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
+        extra,
+    )
+
+
+def _contrastive_search_loop(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    cache,
+    alpha: float,
+    top_k: int,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    streamer,
+    extra: dict,
+):
+    device = input_ids.device
+    batch_size, prompt_length = input_ids.shape
+    k = top_k
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    if has_eos_stopping_criteria and pad_token_id is None:
+        raise ValueError("an EOS token is set but no pad_token_id: set generation_config.pad_token_id")
+    return_dict = generation_config.return_dict_in_generate
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+    hidden_out = () if return_dict and generation_config.output_hidden_states else None
+    max_length = getattr(stopping_criteria, "max_length", None) or generation_config.max_length or prompt_length + 1
+    capacity = max(max_length, prompt_length + 1)
+
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: let attention skip the mask, as generate() itself does
+    position_ids = _positions(attention_mask, batch_size, prompt_length, device)
+    forward = _Forward(model)
+
+    hidden, logits, all_hidden = forward.prefill(input_ids, attention_mask, position_ids, cache, extra)
+    if hidden_out is not None:
+        # As in 4.55: step t reports the hidden states that produced its logits (the prompt's, then the
+        # previous winner's), so there is one entry per generated token.
+        forward.fast = False  # every layer's hidden states are wanted: run the full model on candidates
+
+    # Normalised hidden states of every token so far, and which of them count (padding does not).
+    hidden_size = hidden.shape[-1]
+    context = torch.empty(batch_size, capacity, hidden_size, dtype=hidden.dtype, device=device)
+    context[:, :prompt_length] = hidden / hidden.norm(dim=-1, keepdim=True)
+    penalty_mask = torch.zeros(batch_size, capacity, dtype=hidden.dtype, device=device)
+    if attention_mask is not None:
+        penalty_mask[:, :prompt_length] = (1 - attention_mask.to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    del hidden
+    length = prompt_length
+
+    # Candidate rows: row b's k candidates are rows b*k .. b*k+k-1 (the layout 4.55 uses).
+    cache.batch_repeat_interleave(k)
+    candidate_mask = None
+    if attention_mask is not None:
+        candidate_mask = torch.ones(batch_size * k, capacity, dtype=attention_mask.dtype, device=device)
+        candidate_mask[:, :prompt_length] = attention_mask.repeat_interleave(k, dim=0)
+    next_position = (position_ids[:, -1] + 1).repeat_interleave(k).unsqueeze(-1)
+    rows = torch.arange(batch_size, device=device)
+    row_offsets = rows * k
+    unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
+
+    while True:
+        processed = logits_processor(input_ids, logits)
+        probs = nn.functional.softmax(processed, dim=-1)
+        top_probs, top_ids = torch.topk(probs, dim=-1, k=k)
+        if scores is not None:
+            scores += (processed,)
+        if hidden_out is not None:
+            hidden_out += (all_hidden,)
+        if raw_logits is not None:
+            raw_logits += (logits,)
+
+        step_mask = candidate_mask[:, : length + 1] if candidate_mask is not None else None
+        candidate_hidden, candidate_logits, candidate_layers = forward.candidates(top_ids.reshape(-1, 1), step_mask, next_position, cache)
+
+        # Degeneration penalty: max cosine similarity of each candidate with the context so far.
+        normed = candidate_hidden / candidate_hidden.norm(dim=-1, keepdim=True)  # (B*k, H)
+        normed = normed.view(batch_size, k, hidden_size)
+        cosine = torch.matmul(context[:, :length], normed.transpose(1, 2))  # (B, L, k)
+        cosine = cosine + penalty_mask[:, :length, None]
+        penalty = cosine.max(dim=1).values  # (B, k)
+        contrastive_score = (1.0 - alpha) * top_probs - alpha * penalty
+        selected = contrastive_score.argmax(dim=-1)  # (B,): first maximum, as 4.55's max(dim=-1)
+        winners = row_offsets + selected
+
+        next_tokens = top_ids[rows, selected]
+        context[:, length] = normed[rows, selected]
+        if candidate_logits is not None:
+            logits = candidate_logits[winners]
+        else:
+            logits = forward.head_logits(candidate_hidden[winners].unsqueeze(1))[:, -1, :].float()
+        if hidden_out is not None:
+            all_hidden = tuple(layer[winners] for layer in candidate_layers)
+        length += 1
+        # Every candidate row of b must now hold b's winner, ready for the next k candidates.
+        _keep_winners(cache, winners.repeat_interleave(k))
+        next_position = next_position + 1
+
+        if has_eos_stopping_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+        if unfinished.max() == 0:
+            break
+        if length >= capacity:  # only without a max-length criterion; never silently overrun the buffers
+            break
+
+    if streamer is not None:
+        streamer.end()
+    if not return_dict:
+        return input_ids
+    # Like 4.55: the cache holds the last chosen token too; drop it (and the candidate copies) so the
+    # returned cache matches sequences[:, :-1], as with the other decoding methods.
+    cache.batch_select_indices(row_offsets)
+    try:
+        cache.crop(-1)
+    except RuntimeError:
+        pass  # sliding-window layers past their window cannot be cropped; the cache stays one ahead
+    return GenerateDecoderOnlyOutput(
+        sequences=input_ids,
+        scores=scores,
+        logits=raw_logits,
+        attentions=None,
+        hidden_states=hidden_out,
+        past_key_values=cache,
+    )
+
+
+def contrastive_search_generate(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    penalty_alpha: float = DEFAULT_PENALTY_ALPHA,
+    top_k: int = DEFAULT_TOP_K,
+    max_new_tokens: int = 64,
+    **generate_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Plain-function API: ``model.generate()`` with contrastive search and explicit hyperparameters.
+
+    Extra keyword arguments (``eos_token_id``, ``logits_processor``, ``stopping_criteria``,
+    ``return_dict_in_generate``, ...) go to ``generate()`` unchanged. ``stop_strings`` (with
+    ``tokenizer``) become a ``StopStringCriteria`` here: transformers 5 drops the ``tokenizer``
+    argument of ``generate()`` whenever ``custom_generate`` is a callable, so passing ``stop_strings``
+    straight to ``generate()`` fails there.
+    """
+    penalty_alpha, top_k = validate_contrastive_search_params(penalty_alpha, top_k)
+    stop_strings = generate_kwargs.pop("stop_strings", None)
+    tokenizer = generate_kwargs.pop("tokenizer", None)
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=...")
+        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        generate_kwargs["stopping_criteria"] = criteria
+    return model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        custom_generate=contrastive_search,
+        penalty_alpha=penalty_alpha,
+        top_k=top_k,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
+
+
+class ContrastiveSearchMethod(DecodingMethod):
+    """``cs`` in the method registry: ``cdlm generate --method cs --penalty-alpha 0.6 --top-k 4``."""
+
+    name = "cs"
+    description = "contrastive search: top-k candidates re-ranked by a degeneration penalty (Su et al. 2022)"
+    params = (
+        Param("penalty_alpha", float, DEFAULT_PENALTY_ALPHA, "contrastive search degeneration penalty, in [0, 1]"),
+        Param("top_k", int, DEFAULT_TOP_K, "contrastive search: number of candidate tokens (>= 1)"),
+    )
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        hp = self.hyperparameters
+        hp["penalty_alpha"], hp["top_k"] = validate_contrastive_search_params(hp["penalty_alpha"], hp["top_k"])
+
+    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
+        hp = self.hyperparameters
+        return {
+            "custom_generate": contrastive_search,
+            "penalty_alpha": hp["penalty_alpha"],
+            "top_k": hp["top_k"],
+            "do_sample": False,
+            "num_beams": 1,
+        }

