@@ -342,11 +342,6 @@ def test_matches_transformers_4_55_reference(smollm2, penalty_alpha, top_k):
     assert not mismatches, "\n".join(mismatches)
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    reason="transformers 5.19 drops generate(tokenizer=...) for custom_generate callables; runner.generate "
-    "must pass stop strings as a StopStringCriteria (lead-owned fix in cdlm/decoding/runner.py)",
-)
 def test_runner_with_stop_strings(tiny_tokenizer, tiny_llama):
     method = ContrastiveSearchMethod(tiny_llama, tiny_tokenizer)
     plain, _ = run_generate(tiny_llama, tiny_tokenizer, PROMPTS[:1], method, max_new_tokens=12)

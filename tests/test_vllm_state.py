@@ -322,9 +322,10 @@ def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_toke
     assert _method_spec("cid", {"cid_lambda": 1.0}, None) == ("cid", {"cid_lambda": 1.0}, None)
 
 
-def test_token_stripping_matches_the_transformers_runner():
-    from cdlm.decoding.runner import _strip as runner_strip
-    from cdlm.decoding.vllm.backend import _strip
+def test_token_stripping_stops_at_eos_and_drops_trailing_padding():
+    from cdlm.decoding.runner import strip_generated
 
-    for ids in ([5, 6, 2, 7], [5, 0, 0], [2], [], [5, 6]):
-        assert _strip(ids, {2}, 0) == runner_strip(torch.tensor(ids, dtype=torch.long), {2}, 0)
+    cases = {(5, 6, 2, 7): [5, 6], (5, 0, 0): [5], (2,): [], (): [], (5, 6): [5, 6]}
+    for ids, expected in cases.items():
+        assert strip_generated(list(ids), {2}, 0) == expected
+    assert strip_generated([5, 2, 2], {2}, 2) == [5]  # pad == eos: the first EOS ends the text

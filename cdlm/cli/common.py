@@ -18,16 +18,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
-def _method_params() -> dict[str, Param]:
-    """The union of every registered method's hyperparameters, one CLI flag each."""
-    params: dict[str, Param] = {}
+def _method_params() -> dict[str, list[tuple[str, Param]]]:
+    """Every registered method's hyperparameters by name: one CLI flag may serve several methods."""
+    params: dict[str, list[tuple[str, Param]]] = {}
     for name in _METHODS:
         try:
             method = get_method(name)
         except (ImportError, AttributeError):
             continue
         for param in method.params:
-            params.setdefault(param.name, param)
+            params.setdefault(param.name, []).append((name, param))
     return params
 
 
@@ -38,9 +38,16 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, multiple: bool = Fa
     else:
         group.add_argument("--method", default="greedy", help="decoding method (default: greedy)")
     group.add_argument("--amateur", default=None, help="amateur for contrastive methods: 'early-exit:N' or a model reference")
-    for param in _method_params().values():
+    for uses in _method_params().values():
+        first = uses[0][1]
+        if any(param.type is not first.type for _, param in uses):
+            raise TypeError(f"methods declare hyperparameter {first.name!r} with different types")
         # Defaults stay None here so each method applies its own documented default.
-        group.add_argument(param.flag, dest=param.name, type=param.type, default=None, help=f"{param.help} (default: {param.default})")
+        described: dict[tuple[str, object], list[str]] = {}
+        for method, param in uses:
+            described.setdefault((param.help, param.default), []).append(method)
+        help_text = "; ".join(f"{'/'.join(m)}: {h} (default {d})" for (h, d), m in described.items())
+        group.add_argument(first.flag, dest=first.name, type=first.type, default=None, help=help_text)
 
 
 def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amateur_cache: dict) -> DecodingMethod:
@@ -48,7 +55,7 @@ def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amate
     method_class = get_method(name)
     params = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
     amateur = None
-    if method_class.needs_amateur or (args.amateur and name in {"cd"}):
+    if method_class.needs_amateur:
         spec = args.amateur or "early-exit:" + str(max(1, _num_layers(expert) // 4))
         if spec not in amateur_cache:
             amateur_cache[spec] = load_amateur(spec, expert, dtype=args.dtype)

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="generate with transformers (default) or vLLM (greedy, sample, cd, cid; needs cdlm[vllm])",
+    )
     parser.set_defaults(func=run)
 
 
@@ -67,12 +73,18 @@ def run(args: argparse.Namespace) -> int:
     add_special = not (args.chat and loaded.tokenizer.chat_template)
     amateurs: dict = {}
     summary = []
+    backend_generate = generate
+    if args.backend == "vllm":
+        from cdlm.decoding.vllm import load_vllm, runner_compatible
+
+        engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size)
+        backend_generate = runner_compatible(engine)
     for name in args.method or ["greedy"]:
         method = build_method(name, args, loaded, amateurs)
         needs_contrast = method.needs_contrastive_inputs
         if needs_contrast and rendered_contrastive is None:
             raise ValueError(f"method {name!r} needs --contrastive-prompt, one per prompt")
-        results, stats = generate(
+        results, stats = backend_generate(
             loaded.model,
             loaded.tokenizer,
             rendered,

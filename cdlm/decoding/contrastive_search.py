@@ -32,6 +32,8 @@ or call :func:`contrastive_search_generate`, which does the same with explicit a
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from typing import Any
 
 import torch
@@ -447,3 +449,18 @@ class ContrastiveSearchMethod(DecodingMethod):
             "do_sample": False,
             "num_beams": 1,
         }
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``custom_generate=cdlm.decoding.contrastive_search`` (the module) work as the callable.
+
+    transformers routes extra ``generate()`` kwargs (``penalty_alpha``, ``top_k``) by the callable's
+    signature, which ``__signature__`` below supplies.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return contrastive_search(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(contrastive_search)

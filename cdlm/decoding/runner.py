@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from cdlm.decoding.methods import DecodingMethod
 
@@ -34,9 +34,10 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
 
-def _strip(ids: torch.Tensor, eos_ids: set[int], pad_id: int | None) -> list[int]:
+def strip_generated(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """Generated ids up to the first EOS, without trailing padding (shared by every backend)."""
     tokens: list[int] = []
-    for token in ids.tolist():
+    for token in ids:
         if token in eos_ids:
             break
         tokens.append(token)
@@ -108,7 +109,11 @@ def generate(
             ).to(device)
         kwargs = method.generate_kwargs(batch, contrastive_batch)
         if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+            # A criterion rather than generate(stop_strings=..., tokenizer=...): transformers 5.x
+            # drops `tokenizer` when `custom_generate` is a callable (contrastive search).
+            criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop)))
+            kwargs["stopping_criteria"] = criteria
         if seed is not None:
             torch.manual_seed(seed + start)
         began = time.perf_counter()
@@ -118,7 +123,7 @@ def generate(
         sequences = output.sequences if hasattr(output, "sequences") else output
         new = sequences[:, batch["input_ids"].shape[1] :]
         for prompt, row in zip(chunk, new):
-            ids = _strip(row, eos_ids, tokenizer.pad_token_id)
+            ids = strip_generated(row.tolist(), eos_ids, tokenizer.pad_token_id)
             text = apply_stop_strings(tokenizer.decode(ids, skip_special_tokens=True), stop)
             results.append(Generation(prompt, text, ids, elapsed))
             stats.new_tokens += len(ids)

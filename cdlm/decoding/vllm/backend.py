@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings
+from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings, strip_generated
 from cdlm.decoding.vllm.params import ContrastParams
 
 # Hyperparameters the vLLM path understands, per cdlm method name.
@@ -185,19 +185,6 @@ def sampling_params_for(
     return SamplingParams(temperature=0.0, extra_args=extra, **common)
 
 
-def _strip(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
-    """As the transformers runner: up to the first EOS, without trailing padding."""
-    tokens: list[int] = []
-    for token in ids:
-        if token in eos_ids:
-            break
-        tokens.append(token)
-    if pad_id is not None and pad_id not in eos_ids:
-        while tokens and tokens[-1] == pad_id:
-            tokens.pop()
-    return tokens
-
-
 def generate(
     engine: VLLMEngine,
     prompts: Sequence[str],
@@ -261,7 +248,7 @@ def generate(
         outputs = engine.llm.generate(requests, sampling, use_tqdm=False)
         elapsed = time.perf_counter() - began
         for prompt, output in zip(chunk, outputs):
-            ids = _strip(list(output.outputs[0].token_ids), engine.eos_token_ids, tokenizer.pad_token_id)
+            ids = strip_generated(list(output.outputs[0].token_ids), engine.eos_token_ids, tokenizer.pad_token_id)
             text = apply_stop_strings(tokenizer.decode(ids, skip_special_tokens=True), stop)
             results.append(Generation(prompt, text, ids, elapsed))
             stats.new_tokens += len(ids)
