@@ -454,3 +454,26 @@ def test_smollm2_matches_naive_reference(smollm2, formulation):
             if token == eos:
                 break
         assert row[: len(reference)] == reference
+
+
+@pytest.mark.parametrize("formulation", ["obrien-lewis", "li"])
+def test_early_exit_head_on_plausible_tokens_only_gives_the_same_distribution(formulation):
+    """The early-exit path evaluates the amateur head only on plausible tokens when the scores are
+    raw logits; the resulting next-token distribution must equal the full-head computation."""
+    from cdlm.decoding._contrast import contrast
+
+    expert = testing.tiny_llama(seed=4)
+    amateur = EarlyExitAmateur(expert, 2)
+    processor = EarlyExitContrastiveLogitsProcessor(amateur, alpha=0.05, beta=0.7, formulation=formulation)
+    torch.manual_seed(1)
+    hidden = torch.randn(3, expert.config.hidden_size)
+    logits = torch.randn(3, expert.config.vocab_size) * 3
+    weight = 1.0 if formulation == "li" else 0.7
+    exact = contrast(logits, amateur.logits_from_hidden(hidden), alpha=0.05, weight=weight, formulation=formulation)
+    fast = processor._contrast(logits, processor._amateur_logits(hidden, logits), processor.vocab_size)
+    assert torch.equal(torch.isinf(exact), torch.isinf(fast))
+    assert torch.allclose(exact.softmax(-1), fast.softmax(-1), atol=1e-6)
+    # Beam search passes log-probabilities: there the per-row normaliser matters, so the full head is used.
+    log_probs = logits.log_softmax(-1)
+    assert torch.equal(processor._amateur_logits(hidden, log_probs), amateur.logits_from_hidden(hidden))
+    processor.close()

@@ -39,7 +39,14 @@ import torch
 from transformers import BatchEncoding, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from cdlm.decoding._amateur_state import IncrementalBranch
-from cdlm.decoding._contrast import check_alpha, check_formulation, check_non_negative, check_positive, contrast
+from cdlm.decoding._contrast import (
+    check_alpha,
+    check_formulation,
+    check_non_negative,
+    check_positive,
+    contrast,
+    plausible_mask,
+)
 from cdlm.decoding.methods import DecodingMethod, Param
 from cdlm.models.amateur import EarlyExitAmateur, SeparateAmateur
 
@@ -212,8 +219,26 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         self._consumed = slot.forwards
         slot.last_hidden = None
         with torch.no_grad():
-            amateur_logits = self.amateur.logits_from_hidden(hidden)
+            amateur_logits = self._amateur_logits(hidden, scores)
         return self._contrast(scores, amateur_logits, self.vocab_size)
+
+    def _amateur_logits(self, hidden: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Amateur logits, computed only where they can matter.
+
+        Tokens outside the expert's plausible set get -inf whatever the amateur says, and for greedy
+        search and sampling a per-row constant in the amateur's scores cancels. So, when ``scores``
+        are raw logits, only the lm_head rows of tokens plausible in some row are evaluated (the rest
+        are filled with 0). Beam search hands processors log-probabilities (rows sum to 1), and there
+        the amateur's per-row normaliser shifts beams against each other, so the full head is used.
+        """
+        vocab = min(self.vocab_size, scores.shape[-1])
+        expert = scores[:, :vocab].float()
+        if torch.allclose(expert.logsumexp(dim=-1), torch.zeros(()), atol=1e-4):
+            return self.amateur.logits_from_hidden(hidden)
+        candidates = plausible_mask(expert, self.alpha).any(dim=0).nonzero().squeeze(-1)
+        partial = self.amateur.logits_from_hidden(hidden, candidates)
+        full = torch.zeros(hidden.shape[0], vocab, dtype=partial.dtype, device=partial.device)
+        return full.index_copy_(1, candidates, partial)
 
 
 def contrastive_decoding_processor(

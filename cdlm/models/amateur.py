@@ -168,9 +168,19 @@ class EarlyExitAmateur:
         shell.generation_config = copy.deepcopy(expert.generation_config)
         return shell.eval()
 
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Amateur logits from the output of expert layer ``exit_layer`` (before the final norm)."""
-        logits = self._head(self._norm(hidden))
+    def logits_from_hidden(self, hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Amateur logits from the output of expert layer ``exit_layer`` (before the final norm).
+
+        With ``token_ids`` (1-D), only those vocabulary rows of the lm_head are used and the last
+        dimension follows ``token_ids``: contrastive decoding needs the amateur only on the
+        expert's plausible tokens, and skipping the rest skips most of the head's cost.
+        """
+        normed = self._norm(hidden)
+        if token_ids is None:
+            logits = self._head(normed)
+        else:
+            bias = None if self._head.bias is None else self._head.bias[token_ids]
+            logits = torch.nn.functional.linear(normed, self._head.weight[token_ids], bias)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
