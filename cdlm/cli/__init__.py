@@ -20,7 +20,7 @@ COMMAND_MODULES = [
 ]
 
 # Errors that are the user's to fix: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
