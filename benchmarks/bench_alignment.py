@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import describe_machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -155,8 +156,7 @@ def main() -> None:
         "all_step_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "ratio_cdlm_dpo_vs_trl_dpo": round(median["cdlm_dpo"] / median["trl_dpo"], 3),
         "ratio_cdlm_sparsepo_vs_cdlm_dpo": round(median["cdlm_sparsepo"] / median["cdlm_dpo"], 3),
-        "machine": f"{platform.machine()} {'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, "
-        f"{os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}",
+        "machine": (f"CUDA {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + describe_machine(),
         "command": " ".join(["python", *sys.argv]),
     }
     if not args.no_memory:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -199,7 +200,7 @@ def main() -> None:
         "penalty_alpha": args.penalty_alpha,
         "threads": args.threads,
         "repeats": args.repeats,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs while measured)",
+        "machine": describe_machine(),
         "old": {"transformers": old.info.get("transformers"), "torch": old.info.get("torch")},
         "new": {"transformers": transformers.__version__, "torch": torch.__version__},
         "results": results,

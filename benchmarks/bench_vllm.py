@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
+
+from _machine import describe_machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -126,7 +127,7 @@ def main() -> None:
         "vllm": vllm.__version__,
         "torch": torch.__version__,
         "torch_threads": threads,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs at the time)",
+        "machine": describe_machine(),
         "amateur": args.amateur,
         "max_new_tokens": args.max_new_tokens,
         "hyperparameters": {name: m.hyperparameters for name, m in methods.items()},

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,8 @@ from cdlm.alignment.distill_data import (
 )
 from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
 from cdlm.models import load_amateur, load_model
+
+from _machine import describe_machine
 
 GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -205,7 +206,7 @@ def main() -> int:
 
     result = {
         "command": "python " + " ".join(sys.argv),
-        "machine": f"{platform.machine()} CPU, torch threads={args.threads} (shared with other jobs)",
+        "machine": describe_machine(),
         "teacher": args.teacher,
         "student": settings.student,
         "params_M": {"teacher": round(count(teacher.model) / 1e6, 1), "student": round(count(student0) / 1e6, 1)},

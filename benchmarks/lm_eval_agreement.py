@@ -32,11 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+from _machine import describe_machine
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
+MACHINE = describe_machine()  # taken at start, before this run loads the cores
 TASKS_DIR = ROOT / "benchmarks" / "lm_eval_tasks"
 
 DRIVER = r'''
@@ -247,7 +250,7 @@ def main() -> int:
     loaded = load_model(str(folder), dtype="float32", device="cpu")
     report = {
         "model": args.model, "model_folder": str(folder), "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
-        "machine": "2-core CPU shared with other jobs", "lm_eval_version": "0.4.13",
+        "machine": MACHINE, "lm_eval_version": "0.4.13",
         "first_doc_context_ids_start": loaded.tokenizer.encode("High jump:")[:4],
         "tokenizer_adds_bos": loaded.tokenizer.encode("x") != loaded.tokenizer.encode("x", add_special_tokens=False),
     }
@@ -272,7 +275,7 @@ def main() -> int:
         print(json.dumps(report["gsm8k"], indent=2), flush=True)
     atomic_write_json(args.output + ".json", report)
     lines = ["# cdlm eval harness vs lm-evaluation-harness 0.4.13", "",
-             f"Model: {args.model} (float32, CPU; machine: 2-core CPU shared with other jobs). Command: "
+             f"Model: {args.model} (float32, CPU; machine: {report['machine']}). Command: "
              f"`python benchmarks/lm_eval_agreement.py --hellaswag-docs {args.hellaswag_docs} --gsm8k-docs {args.gsm8k_docs}`", ""]
     if "hellaswag" in report:
         h = report["hellaswag"]

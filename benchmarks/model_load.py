@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _machine import describe_machine
+
 CHILD = r"""
 import json, sys, time, torch
 from cdlm.models import load_model
@@ -52,11 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     args = parser.parse_args()
+    machine = describe_machine()
     with tempfile.TemporaryDirectory() as cache:
         rows = [measure(model, cache) for model in args.models]
     out = Path(__file__).parent / "results" / "model_load.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"machine": f"{os.cpu_count()} CPU cores", "rows": rows}, indent=2))
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     print("| model | first load (s) | second load (s) | greedy tokens/s (batch 1, 64 tokens) |")
     print("| --- | --- | --- | --- |")
     for row in rows:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from _machine import describe_machine
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     reward = GSM8KReward()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"config": vars(args), "machine": "2-core CPU shared with other jobs", "runs": {}}
+    results: dict = {"config": vars(args), "machine": describe_machine(), "runs": {}}
 
     def save() -> None:
         output.with_suffix(".json").write_text(json.dumps(results, indent=1), encoding="utf-8")

@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _machine import describe_machine
+
+MACHINE = describe_machine()  # taken at start, before this run loads the cores
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,7 +119,7 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
         "seconds_per_step": round(train_seconds / max(1, trainer.state.global_step), 2),
         "eval_seconds_reference_and_before": cache["eval_seconds"],
         "history": history,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}",
+        "machine": MACHINE,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -136,7 +139,8 @@ def summarize() -> None:
     lines = [
         "# Preference training on SmolLM2-135M-Instruct (LoRA, HH-RLHF harmless-base)",
         "",
-        f"Held-out: the shipped set's fixed `test` split ({rows[0]['eval_pairs']} pairs). Machine: {rows[0]['machine']}.",
+        f"Held-out: the shipped set's fixed `test` split ({rows[0]['eval_pairs']} pairs). "
+        f"Machine: {'; '.join(sorted({row['machine'] for row in rows}))}.",
         "Accuracy counts ties as 1/2; before training the policy equals the reference (LoRA B = 0), so the implicit",
         "reward ties on every pair (0.5, margin 0). `logratio` = reference-free log pi(y_w) - log pi(y_l) (CPO's reward).",
         "",

@@ -103,6 +103,43 @@ def test_gsm8k_generation_records_outputs(loaded, data_files, tmp_path):
     assert record["num_tokens"] <= 4
 
 
+def test_gsm8k_generates_through_another_backend_and_records_it(loaded, data_files, tmp_path):
+    """A backend with the runner's signature (the vLLM one in practice) produces the outputs, its name
+    lands in the results, and a run started on one backend is not resumed on another."""
+    from cdlm.decoding.runner import generate
+
+    _, gs = data_files
+    calls = []
+
+    def fake_backend(model, tokenizer, prompts, method, **kwargs):
+        calls.append(len(prompts))
+        return generate(model, tokenizer, prompts, method, **kwargs)
+
+    fake_backend.backend = "fake"
+    config = EvalConfig(task="gsm8k", data=str(gs), fewshot_data=str(gs), num_fewshot=1, max_new_tokens=3, batch_size=2)
+    through_fake = evaluate(loaded, _greedy(loaded), config, tmp_path / "fake", generate_fn=fake_backend, progress=lambda m: None)
+    assert calls == [2, 1] and through_fake["backend"] == "fake"
+    direct = evaluate(loaded, _greedy(loaded), config, tmp_path / "direct", progress=lambda m: None)
+    assert direct["backend"] == "transformers"
+    fake_rows = [json.loads(line)["response"] for line in (tmp_path / "fake" / "samples.jsonl").read_text().splitlines()]
+    direct_rows = [json.loads(line)["response"] for line in (tmp_path / "direct" / "samples.jsonl").read_text().splitlines()]
+    assert fake_rows == direct_rows
+    with pytest.raises(ValueError, match="different configuration.*backend"):
+        evaluate(loaded, _greedy(loaded), config, tmp_path / "fake", progress=lambda m: None)
+
+
+def test_loglikelihood_task_refuses_a_generation_backend(loaded, data_files, tmp_path):
+    hs, _ = data_files
+
+    def backend(*args, **kwargs):
+        raise AssertionError("must not be called")
+
+    backend.backend = "vllm"
+    with pytest.raises(ValueError, match="task 'hellaswag' is scored by log-likelihood"):
+        evaluate(loaded, _greedy(loaded), EvalConfig(task="hellaswag", data=str(hs)), tmp_path / "h", generate_fn=backend)
+    assert cli_main(["eval", "--task", "hellaswag", "--backend", "vllm"]) == 2
+
+
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "results.json"
     atomic_write_json(path, {"a": 1})

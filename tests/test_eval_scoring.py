@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cdlm import testing
-from cdlm.eval_harness.scoring import encode_pair, encode_request, score_requests
+from cdlm.eval_harness import scoring
+from cdlm.eval_harness.scoring import can_pack, encode_pair, encode_request, score_requests
 from cdlm.models import EarlyExitAmateur
 
 CONTEXTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog and", "Hi there ", "A"]
@@ -32,10 +33,26 @@ def test_encode_pair_moves_trailing_space_and_splits_like_lm_eval(tiny_tokenizer
     assert empty_context == [tiny_tokenizer.bos_token_id]
 
 
-@pytest.mark.parametrize("model_name, batch_size", [("tiny_llama", 3), ("tiny_gemma3", 3), ("tiny_llama", 1)])
-def test_shared_context_equals_naive_full_forwards(request, tiny_tokenizer, model_name, batch_size):
-    model = request.getfixturevalue(model_name)
+def _model(kind: str):
+    if kind == "llama":
+        return testing.tiny_llama(seed=0)
+    if kind == "llama-eager":
+        model = testing.tiny_llama(seed=0)
+        model.config._attn_implementation = "eager"
+        return model
+    if kind == "gemma3-wide-window":  # every context + choice fits the window: packed rows are exact
+        return testing.tiny_gemma3(seed=0, sliding_window=64)
+    return testing.tiny_gemma3(seed=0)  # window 8: longer rows must take the two-pass path
+
+
+@pytest.mark.parametrize(
+    "kind, batch_size, packed",
+    [("llama", 3, True), ("llama", 1, True), ("llama-eager", 2, True), ("gemma3-wide-window", 3, True), ("gemma3", 3, False)],
+)
+def test_shared_context_equals_naive_full_forwards(tiny_tokenizer, kind, batch_size, packed):
+    model = _model(kind)
     requests = [encode_request(tiny_tokenizer, c, CHOICES) for c in CONTEXTS]
+    assert can_pack(model, requests) is packed
     shared, _ = score_requests(model, tiny_tokenizer, requests, batch_size=batch_size)
     for req, scores in zip(requests, shared):
         for cont, score in zip(req.continuations, scores):
@@ -45,12 +62,26 @@ def test_shared_context_equals_naive_full_forwards(request, tiny_tokenizer, mode
     assert [[s.is_greedy for s in row] for row in shared] == [[s.is_greedy for s in row] for row in naive]
 
 
-def test_early_exit_amateur_scores_match_the_standalone_truncated_model(tiny_tokenizer):
+def test_two_pass_path_equals_packed_path(tiny_tokenizer, monkeypatch):
+    model = testing.tiny_llama(seed=2)
+    requests = [encode_request(tiny_tokenizer, c, CHOICES) for c in CONTEXTS]
+    packed, _ = score_requests(model, tiny_tokenizer, requests, batch_size=3)
+    monkeypatch.setattr(scoring, "can_pack", lambda model, requests: False)
+    two_pass, _ = score_requests(model, tiny_tokenizer, requests, batch_size=3)
+    for row_p, row_t in zip(packed, two_pass):
+        for p, t in zip(row_p, row_t):
+            assert p.loglikelihood == pytest.approx(t.loglikelihood, abs=1e-4) and p.is_greedy == t.is_greedy
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_early_exit_amateur_scores_match_the_standalone_truncated_model(tiny_tokenizer, monkeypatch, packed):
     model = testing.tiny_llama(seed=1)
     amateur = EarlyExitAmateur(model, 2)
     requests = [encode_request(tiny_tokenizer, c, CHOICES) for c in CONTEXTS]
+    if not packed:
+        monkeypatch.setattr(scoring, "can_pack", lambda model, requests: False)
     _, captured = score_requests(model, tiny_tokenizer, requests, batch_size=2, early_exit=amateur)
-    standalone, _ = score_requests(amateur.model, tiny_tokenizer, requests, batch_size=2)
+    standalone, _ = score_requests(amateur.model, tiny_tokenizer, requests, batch_size=2, shared_context=False)
     for row_a, row_b in zip(captured, standalone):
         for a, b in zip(row_a, row_b):
             assert a.loglikelihood == pytest.approx(b.loglikelihood, abs=1e-4)

@@ -10,6 +10,7 @@ agreement check with timings is ``benchmarks/bench_vllm.py``.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -74,3 +75,21 @@ def test_contrast_changes_the_output_and_bad_settings_are_rejected_at_submission
     with pytest.raises(ValueError, match="beam search"):
         generate(engine, prompts[:1], "cd", amateur="early-exit:8", hyperparameters={"num_beams": 2})
     assert ContrastParams(method="cd", amateur="early-exit:8").to_extra_args()["cdlm"]["amateur"] == "early-exit:8"
+
+
+def test_eval_harness_gsm8k_through_vllm_matches_transformers(setup, tmp_path):
+    """The eval harness with the vLLM backend writes the same responses and scores as with transformers."""
+    from cdlm.decoding.vllm import runner_compatible
+    from cdlm.eval_harness import EvalConfig, evaluate
+
+    engine, loaded, _, _ = setup
+    amateur = load_amateur("early-exit:8", loaded)
+    method = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur)
+    config = EvalConfig(task="gsm8k", limit=2, num_fewshot=1, max_new_tokens=24, batch_size=2)
+    quiet = lambda message: None  # noqa: E731
+    through_vllm = evaluate(loaded, method, config, tmp_path / "vllm", generate_fn=runner_compatible(engine), progress=quiet)
+    through_hf = evaluate(loaded, method, config, tmp_path / "hf", progress=quiet)
+    assert (through_vllm["backend"], through_hf["backend"]) == ("vllm", "transformers")
+    responses = lambda run: [json.loads(line)["response"] for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+    assert responses("vllm") == responses("hf")
+    assert through_vllm["results"] == through_hf["results"]

@@ -74,5 +74,27 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
     return loaded
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="generate with transformers (default) or vLLM (greedy, sample, cd, cid; needs cdlm[vllm])",
+    )
+
+
+def generator_from_args(args: argparse.Namespace):
+    """The function that generates text for ``args.backend``, with ``cdlm.decoding.runner.generate``'s
+    signature, so commands switch backends without knowing which one they use."""
+    if args.backend != "vllm":
+        from cdlm.decoding.runner import generate
+
+        return generate
+    from cdlm.decoding.vllm import load_vllm, runner_compatible
+
+    engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size)
+    return runner_compatible(engine)
+
+
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)

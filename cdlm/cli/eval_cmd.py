@@ -6,7 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from cdlm.cli.common import add_method_arguments, add_model_arguments, build_method, load_from_args, progress
+from cdlm.cli.common import (
+    add_backend_argument,
+    add_method_arguments,
+    add_model_arguments,
+    build_method,
+    generator_from_args,
+    load_from_args,
+    progress,
+)
 from cdlm.decoding.methods import _METHODS
 
 TASK_CHOICES = ("gsm8k", "gsm8k_cot", "hellaswag")
@@ -24,6 +32,7 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--naive-scoring", action="store_true", help="hellaswag: one full forward per ending (lm-eval style)")
     group.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
+    add_backend_argument(group)
 
 
 def register(subparsers) -> None:
@@ -53,9 +62,12 @@ def register(subparsers) -> None:
     compare.set_defaults(func=run_compare)
 
 
-def _check_task_and_methods(task: str, methods: list[str]) -> None:
+def _check_task_and_methods(task: str, methods: list[str], backend: str) -> None:
+    from cdlm.eval_harness.evaluate import check_backend
+
     if task not in TASK_CHOICES:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    check_backend(task, backend)
     for name in methods:
         if name not in _METHODS:
             raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(_METHODS)}")
@@ -85,12 +97,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from cdlm.eval_harness import evaluate
     from cdlm.eval_harness.report import text_table
 
-    _check_task_and_methods(args.task, [args.method])
+    _check_task_and_methods(args.task, [args.method], args.backend)
     config = _config(args)
     loaded = load_from_args(args)
     method = build_method(args.method, args, loaded, {})
     output = Path(args.output_dir or f"runs/eval/{args.task}-{args.method}")
-    result = evaluate(loaded, method, config, output, overwrite=args.overwrite, progress=progress)
+    result = evaluate(
+        loaded, method, config, output, overwrite=args.overwrite, generate_fn=generator_from_args(args), progress=progress
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -106,15 +120,18 @@ def run_compare(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] + list(args.method or [])
     methods = list(dict.fromkeys(methods or ["greedy"]))
-    _check_task_and_methods(args.task, methods)
+    _check_task_and_methods(args.task, methods, args.backend)
     config = _config(args)
     loaded = load_from_args(args)
+    generate_fn = generator_from_args(args)
     output = Path(args.output_dir or f"runs/compare/{args.task}")
     amateurs: dict = {}
     results = []
     for name in methods:
         method = build_method(name, args, loaded, amateurs)
-        results.append(evaluate(loaded, method, config, output / name, overwrite=args.overwrite, progress=progress))
+        results.append(
+            evaluate(loaded, method, config, output / name, overwrite=args.overwrite, generate_fn=generate_fn, progress=progress)
+        )
     atomic_write_json(output / "compare.json", {"task": args.task, "methods": methods, "runs": results})
     atomic_write_text(output / "compare.md", markdown_table(results))
     picture = plot(results, output / "compare.png", title=f"{args.task} ({loaded.reference}, n={results[0]['n_samples']})")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from cdlm.cli.common import add_method_arguments, add_model_arguments, build_method, load_from_args, progress
-from cdlm.decoding.runner import generate
+from cdlm.cli.common import (
+    add_backend_argument,
+    add_method_arguments,
+    add_model_arguments,
+    build_method,
+    generator_from_args,
+    load_from_args,
+    progress,
+)
 
 # (prompt, contrastive prompt) pairs for the demo: contrastive input decoding favours what the
 # prompt asks for over what the generic contrastive prompt would also produce.
@@ -33,12 +40,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
-    parser.add_argument(
-        "--backend",
-        choices=("transformers", "vllm"),
-        default="transformers",
-        help="generate with transformers (default) or vLLM (greedy, sample, cd, cid; needs cdlm[vllm])",
-    )
+    add_backend_argument(parser)
     parser.set_defaults(func=run)
 
 
@@ -73,12 +75,7 @@ def run(args: argparse.Namespace) -> int:
     add_special = not (args.chat and loaded.tokenizer.chat_template)
     amateurs: dict = {}
     summary = []
-    backend_generate = generate
-    if args.backend == "vllm":
-        from cdlm.decoding.vllm import load_vllm, runner_compatible
-
-        engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size)
-        backend_generate = runner_compatible(engine)
+    backend_generate = generator_from_args(args)
     for name in args.method or ["greedy"]:
         method = build_method(name, args, loaded, amateurs)
         needs_contrast = method.needs_contrastive_inputs

@@ -2,7 +2,8 @@
 
 ``evaluate`` is what ``cdlm eval`` and ``cdlm compare`` call. Generation tasks (``gsm8k``,
 ``gsm8k_cot``) go through the shared runner (``cdlm.decoding.runner.generate``) with any registered
-method; ``hellaswag`` is scored by log-likelihood, where the method chooses the scoring rule:
+method, or through any function with the runner's signature (``generate_fn``; e.g. the vLLM backend's
+``runner_compatible(load_vllm(...))``); ``hellaswag`` is scored by log-likelihood, where the method chooses the scoring rule:
 
 * ``cd``: contrastive scoring, ``expert_ll - beta * amateur_ll`` with the method's amateur and ``beta``;
 * ``cid``: contrastive-input scoring, ``ll(ending | context) - cid_lambda * ll(ending | "Label:")``;
@@ -57,6 +58,15 @@ class EvalConfig:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
+
+
+def check_backend(task: str, backend: str) -> None:
+    """Only generation tasks can use another generation backend; say so before anything loads."""
+    if backend != "transformers" and task not in GENERATION_TASKS:
+        raise ValueError(
+            f"the {backend} backend generates text; task {task!r} is scored by log-likelihood with "
+            f"transformers, so run it with --backend transformers"
+        )
 
 
 def _versions() -> dict:
@@ -118,13 +128,21 @@ def evaluate(
     output_dir: str | Path,
     *,
     overwrite: bool = False,
+    generate_fn: Callable | None = None,
     progress: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
 ) -> dict:
     """Evaluate ``loaded`` (a ``LoadedModel``) with ``method`` (a ``DecodingMethod``) on ``config.task``.
 
     Writes ``run.json``, ``samples.jsonl`` and ``results.json`` under ``output_dir`` and returns the
     results dict. Finished examples already in ``samples.jsonl`` are reused (resume).
+
+    ``generate_fn`` replaces the transformers runner for generation tasks (same signature as
+    ``cdlm.decoding.runner.generate``); its ``backend`` attribute, if any, names it in the run's
+    signature, so a run is never resumed with outputs from a different backend. Log-likelihood
+    tasks are scored by transformers and reject another backend rather than silently ignoring it.
     """
+    backend = getattr(generate_fn, "backend", "transformers") if generate_fn is not None else "transformers"
+    check_backend(config.task, backend)
     docs, source, pool = load_task_docs(config)
     method_record = _method_record(method)
     model_record = {"reference": loaded.reference, "source": loaded.source, **loaded.details}
@@ -135,6 +153,7 @@ def evaluate(
         "model": loaded.reference,
         "method": method_record,
         "scoring": scoring,
+        "backend": backend,
     }
     run = RunFolder(output_dir, signature, overwrite=overwrite)
     finished = run.finished()
@@ -145,7 +164,7 @@ def evaluate(
     began = time.perf_counter()
     if todo:
         if config.task in GENERATION_TASKS:
-            _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress)
+            _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress, generate_fn)
         else:
             _run_hellaswag(loaded, method, config, docs, pool, todo, run, scoring, label, progress)
     wall = time.perf_counter() - began
@@ -173,6 +192,7 @@ def evaluate(
         "model": model_record,
         "method": method_record,
         "scoring": scoring,
+        "backend": backend,
         "versions": _versions(),
         "timing": timing,
         "samples": str(run.samples_path),
@@ -194,8 +214,9 @@ def _summarise(config: EvalConfig, records: list[dict]) -> dict:
     return results
 
 
-def _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress) -> None:
-    from cdlm.decoding.runner import generate
+def _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress, generate_fn) -> None:
+    if generate_fn is None:
+        from cdlm.decoding.runner import generate as generate_fn
 
     fmt = gsm8k_task.FORMATS[config.task]
     prompts = gsm8k_task.build_prompts(fmt, docs, pool, config.num_fewshot)
@@ -210,7 +231,7 @@ def _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress) -
     started = time.perf_counter()
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        generations, stats = generate(
+        generations, stats = generate_fn(
             loaded.model,
             loaded.tokenizer,
             [prompts[i] for i in chunk],

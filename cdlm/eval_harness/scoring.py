@@ -1,18 +1,27 @@
 """Log-likelihood of continuations given a context, with the context computed once per example.
 
 lm-eval scores each (context, choice) pair with its own forward over context + choice, so a 4-way
-HellaSwag item costs 4 context passes. Here every example's context goes through the model once
-(pass 1, cached keys/values, only the last position's logits kept), the cache is fanned out to the
-example's choices with ``reorder_cache`` (an index-select on the batch dimension, no recompute), and
-all choices of all examples in the batch are scored in one more pass (pass 2) over just
-``[last context token] + choice[:-1]``. The token sequences are exactly lm-eval's (``_encode_pair``:
-trailing spaces of the context move to the continuation, the continuation ids are the tail of the
-encoded ``context + continuation`` after ``len(encode(context))``), so the log-likelihoods agree with
-lm-eval's to float tolerance (see ``benchmarks/lm_eval_agreement.py``).
+HellaSwag item costs 4 context passes, and it takes a log-softmax over every position. Here:
+
+* **Packed** (the default path): one row per example holding the context followed by every choice
+  (``[context] [choice_1[:-1]] [choice_2[:-1]] ...``), with a 4-D attention mask in which each
+  choice sees the context and its own earlier tokens only, and position ids that restart after
+  the context for every choice. One forward per batch, no cache, no fan-out, no padding inside an
+  example; the LM head runs only on the positions that predict a choice token. On HellaSwag this
+  processes about half of lm-eval's tokens.
+* **Two-pass** (fallback when a packed row would be longer than the model's sliding window, or the
+  attention implementation cannot take a custom mask): every context goes through the model once
+  (cached keys/values), the cache is fanned out to the example's choices with ``reorder_cache``, and
+  all choices are scored in one more pass over ``[last context token] + choice[:-1]``.
+
+The token sequences are exactly lm-eval's (``_encode_pair``: trailing spaces of the context move to
+the continuation, the continuation ids are the tail of the encoded ``context + continuation`` after
+``len(encode(context))``), so the log-likelihoods agree with lm-eval's to float tolerance (see
+``benchmarks/lm_eval_agreement.py``).
 
 Contrastive scoring (O'Brien & Lewis 2023) subtracts ``beta`` times an amateur's log-likelihood of
 the same tokens. An early-exit amateur costs nothing extra: its hidden states are captured from the
-expert's own pass 2 (``EarlyExitAmateur.capture``), which sees the cached context of the shared layers.
+expert's own forward (``EarlyExitAmateur.capture``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from cdlm.models.amateur import head_logits
 
 
 @dataclass
@@ -70,18 +81,110 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuatio
 AmateurScorer = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _gather(logits: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def _packed_lengths(request: EncodedRequest) -> int:
+    return len(request.context) + sum(len(c) - 1 for c in request.continuations)
+
+
+def can_pack(model: PreTrainedModel, requests: Sequence[EncodedRequest]) -> bool:
+    """Whether ``score_batch_packed`` computes exactly what separate forwards would.
+
+    A custom 4-D mask replaces the model's own mask on every layer, so sliding-window layers would
+    see the full row: that is exact only while every (context + choice) fits in the window.
+    """
+    if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa") or not hasattr(model, "get_decoder"):
+        return False
+    window = getattr(model.config, "sliding_window", None)
+    longest = max(len(r.context) + max(map(len, r.continuations)) for r in requests)
+    return window is None or longest <= window
+
+
+def _packed_layout(requests: Sequence[EncodedRequest], pad_id: int):
+    """Token ids, 4-D additive mask inputs (segment ids), position ids and, per choice token, the row
+    position whose output predicts it; see the module docstring for the row layout."""
+    width = max(map(_packed_lengths, requests))
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    segment = torch.full((len(requests), width), -1, dtype=torch.long)  # -1 pad, 0 context, j + 1 choice j
+    positions = torch.zeros((len(requests), width), dtype=torch.long)
+    rows, predictors, targets, lengths = [], [], [], []
+    for row, request in enumerate(requests):
+        n = len(request.context)
+        ids[row, :n] = torch.tensor(request.context)
+        segment[row, :n] = 0
+        positions[row, :n] = torch.arange(n)
+        start = n
+        for j, choice in enumerate(request.continuations):
+            body = choice[:-1]
+            ids[row, start : start + len(body)] = torch.tensor(body, dtype=torch.long)
+            segment[row, start : start + len(body)] = j + 1
+            positions[row, start : start + len(body)] = n + torch.arange(len(body))
+            # choice[0] is predicted by the last context token, choice[t] by the row slot of choice[t - 1].
+            predictors += [n - 1] + list(range(start, start + len(body)))
+            rows += [row] * len(choice)
+            targets += choice
+            lengths.append(len(choice))
+            start += len(body)
+    return ids, segment, positions, torch.tensor(rows), torch.tensor(predictors), torch.tensor(targets), lengths
+
+
+def _segment_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, L, L) additive mask: a query sees earlier context slots and earlier slots of its own choice."""
+    length = segment.shape[1]
+    query, key = segment.unsqueeze(2), segment.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(length, dtype=torch.bool)  # padding slots see themselves: no all-masked softmax rows
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def _sum_per_choice(logits: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
+    """(log-likelihood, all-greedy) per choice from one logits row per choice token."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     greedy = logits.argmax(-1) == targets
-    out = []
-    for row, length in enumerate(lengths):
-        out.append((picked[row, :length].sum().item(), bool(greedy[row, :length].all().item())))
+    out, start = [], 0
+    for length in lengths:
+        out.append((picked[start : start + length].sum().item(), bool(greedy[start : start + length].all().item())))
+        start += length
     return out
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+@torch.inference_mode()
+def score_batch_packed(
+    model: PreTrainedModel,
+    requests: Sequence[EncodedRequest],
+    pad_id: int,
+    *,
+    early_exit=None,
+) -> tuple[list[list[ChoiceScore]], list[list[ChoiceScore]] | None]:
+    """Score every choice of every request in one forward over packed rows (see the module docstring).
+
+    Returns expert scores and, when ``early_exit`` (an ``EarlyExitAmateur`` of ``model``) is given,
+    the amateur's scores of the same tokens read off the same forward pass.
+    """
+    device = model.device
+    ids, segment, positions, rows, predictors, targets, lengths = _packed_layout(requests, pad_id)
+    mask = _segment_mask(segment, model.dtype)
+    capture = early_exit.capture() if early_exit is not None else None
+    captured = capture.__enter__() if capture is not None else None
+    try:
+        hidden = model.get_decoder()(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False
+        ).last_hidden_state
+        rows, predictors, targets = rows.to(device), predictors.to(device), targets.to(device)
+        expert_flat = _sum_per_choice(head_logits(model, hidden[rows, predictors]), targets, lengths)
+        amateur_flat = None
+        if captured is not None:
+            exit_hidden = captured.pop()
+            amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(exit_hidden[rows, predictors]), targets, lengths)
+    finally:
+        if capture is not None:
+            capture.__exit__(None, None, None)
+    return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
 
 
 @torch.inference_mode()
@@ -137,11 +240,12 @@ def score_batch_shared(
         positions2 = start + torch.arange(length, device=device).unsqueeze(0)
         logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=positions2, past_key_values=cache, use_cache=True).logits
         lengths = [len(cont) for _, cont in rows]
-        expert_flat = _gather(logits, targets, lengths)
+        real = cont_mask.bool()  # row-major, so choice tokens come out in order, choice after choice
+        expert_flat = _sum_per_choice(logits[real], targets[real], lengths)
         amateur_flat = None
         if captured is not None:
             hidden = captured.pop()
-            amateur_flat = _gather(early_exit.logits_from_hidden(hidden), targets, lengths)
+            amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(hidden[real]), targets[real], lengths)
     finally:
         if capture is not None:
             capture.__exit__(None, None, None)
@@ -157,15 +261,15 @@ def score_batch_naive(
     for request in requests:
         for cont in request.continuations:
             sequence = torch.tensor([request.context + cont], device=model.device)
-            target = torch.tensor([cont], device=model.device)
+            target = torch.tensor(cont, device=model.device)
             capture = early_exit.capture() if early_exit is not None else None
             captured = capture.__enter__() if capture is not None else None
             try:
-                logits = model(input_ids=sequence).logits[:, len(request.context) - 1 : -1]
-                expert_flat += _gather(logits, target, [len(cont)])
+                logits = model(input_ids=sequence).logits[0, len(request.context) - 1 : -1]
+                expert_flat += _sum_per_choice(logits, target, [len(cont)])
                 if captured is not None:
-                    hidden = captured.pop()[:, len(request.context) - 1 : -1]
-                    amateur_flat += _gather(early_exit.logits_from_hidden(hidden), target, [len(cont)])
+                    hidden = captured.pop()[0, len(request.context) - 1 : -1]
+                    amateur_flat += _sum_per_choice(early_exit.logits_from_hidden(hidden), target, [len(cont)])
             finally:
                 if capture is not None:
                     capture.__exit__(None, None, None)
@@ -202,8 +306,13 @@ def score_requests(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     pad_id = _pad_id(tokenizer)
-    scorer = score_batch_shared if shared_context else score_batch_naive
-    order = sorted(range(len(requests)), key=lambda i: -(len(requests[i].context) + max(map(len, requests[i].continuations))))
+    if not shared_context:
+        scorer, size = score_batch_naive, lambda r: len(r.context) + max(map(len, r.continuations))
+    elif requests and can_pack(model, requests):
+        scorer, size = score_batch_packed, _packed_lengths
+    else:
+        scorer, size = score_batch_shared, lambda r: len(r.context) + max(map(len, r.continuations))
+    order = sorted(range(len(requests)), key=lambda i: -size(requests[i]))
     expert: list = [None] * len(requests)
     amateur: list | None = [None] * len(requests) if early_exit is not None else None
     done = 0

@@ -118,6 +118,25 @@ def _decoder_stack(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn
     return decoder, layers, norm
 
 
+def head_logits(model: PreTrainedModel, normed_hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``model``'s output logits from final-norm hidden states: its lm_head plus Gemma-style softcapping.
+
+    With ``token_ids`` (1-D), only those vocabulary rows of the lm_head are used and the last
+    dimension follows ``token_ids``. Callers that already know which positions (or tokens) they need
+    skip most of the head's cost, which is a large share of a small model's forward.
+    """
+    head = model.get_output_embeddings()
+    if token_ids is None:
+        logits = head(normed_hidden)
+    else:
+        bias = None if head.bias is None else head.bias[token_ids]
+        logits = torch.nn.functional.linear(normed_hidden, head.weight[token_ids], bias)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 class EarlyExitAmateur:
     """The expert's first ``num_layers`` layers + its final norm and lm_head, sharing all weights."""
 
@@ -137,8 +156,6 @@ class EarlyExitAmateur:
         self.vocab_size = output_vocab_size(expert)
         self._layer = layers[num_layers - 1]
         self._norm = norm
-        self._head = expert.get_output_embeddings()
-        self._softcap = getattr(expert.config, "final_logit_softcapping", None)
         self.model = self._build_shell(expert, decoder, layers, num_layers)
 
     @staticmethod
@@ -175,15 +192,7 @@ class EarlyExitAmateur:
         dimension follows ``token_ids``: contrastive decoding needs the amateur only on the
         expert's plausible tokens, and skipping the rest skips most of the head's cost.
         """
-        normed = self._norm(hidden)
-        if token_ids is None:
-            logits = self._head(normed)
-        else:
-            bias = None if self._head.bias is None else self._head.bias[token_ids]
-            logits = torch.nn.functional.linear(normed, self._head.weight[token_ids], bias)
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
-        return logits
+        return head_logits(self.expert, self._norm(hidden), token_ids)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[torch.Tensor]]:

@@ -266,4 +266,5 @@ def runner_compatible(engine: VLLMEngine) -> Callable[..., tuple[list[Generation
     def generate_with_vllm(model, tokenizer, prompts, method, **kwargs):
         return generate(engine, prompts, method, **kwargs)
 
+    generate_with_vllm.backend = "vllm"  # recorded by the eval harness in its run signature
     return generate_with_vllm
