@@ -150,6 +150,20 @@ def main() -> None:
             seconds = time.perf_counter() - began
         return {"seconds": seconds, "output_ids": out[:, input_ids.shape[1] :].tolist()}
 
+    def run_greedy(request: dict) -> float:
+        """Plain greedy on the same rows: the ceiling for any method that needs >= 1 forward per token."""
+        with torch.inference_mode():
+            began = time.perf_counter()
+            model.generate(
+                input_ids=torch.tensor(request["input_ids"]),
+                attention_mask=torch.tensor(request["attention_mask"]),
+                do_sample=False,
+                max_new_tokens=request["max_new_tokens"],
+                min_new_tokens=request["max_new_tokens"],
+                pad_token_id=request["pad_token_id"],
+            )
+            return time.perf_counter() - began
+
     results = []
     for config in args.configs.split(","):
         top_k, batch_size = (int(x) for x in config.lower().split("x"))
@@ -165,16 +179,18 @@ def main() -> None:
         warm = {**request, "max_new_tokens": 4}
         old.run(warm)
         run_new(warm)
-        old_seconds, new_seconds, identical = [], [], True
+        old_seconds, new_seconds, greedy_seconds, identical = [], [], [], True
         for _ in range(args.repeats):
             o = old.run(request)
             n = run_new(request)
             old_seconds.append(o["seconds"])
             new_seconds.append(n["seconds"])
+            greedy_seconds.append(run_greedy(request))
             identical &= o["output_ids"] == n["output_ids"]
         tokens = batch_size * args.max_new_tokens
         old_tps = tokens / statistics.median(old_seconds)
         new_tps = tokens / statistics.median(new_seconds)
+        greedy_tps = tokens / statistics.median(greedy_seconds)
         row = {
             "top_k": top_k,
             "batch_size": batch_size,
@@ -182,6 +198,8 @@ def main() -> None:
             "transformers_4_55_tokens_per_s": round(old_tps, 2),
             "cdlm_tokens_per_s": round(new_tps, 2),
             "speedup": round(new_tps / old_tps, 3),
+            "cdlm_greedy_tokens_per_s": round(greedy_tps, 2),
+            "cdlm_over_greedy": round(new_tps / greedy_tps, 3),
             "identical_tokens": identical,
             "old_seconds": [round(s, 3) for s in old_seconds],
             "cdlm_seconds": [round(s, 3) for s in new_seconds],
@@ -189,7 +207,7 @@ def main() -> None:
         results.append(row)
         print(
             f"k={top_k} batch={batch_size}: 4.55.4 {old_tps:.2f} tok/s, cdlm {new_tps:.2f} tok/s, "
-            f"speedup {new_tps / old_tps:.2f}x, identical tokens: {identical}",
+            f"speedup {new_tps / old_tps:.2f}x, identical tokens: {identical}; greedy {greedy_tps:.2f} tok/s",
             flush=True,
         )
     old.close()
@@ -215,13 +233,13 @@ def main() -> None:
         f"{args.threads} torch thread(s), penalty_alpha={args.penalty_alpha}, {args.max_new_tokens} new tokens per row, "
         f"median of {args.repeats} alternating runs per side.",
         "",
-        "| top_k | batch | 4.55.4 tok/s | cdlm tok/s | speedup | identical tokens |",
-        "|---:|---:|---:|---:|---:|:---:|",
+        "| top_k | batch | 4.55.4 tok/s | cdlm tok/s | speedup | identical tokens | cdlm greedy tok/s | cdlm CS / greedy |",
+        "|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['top_k']} | {r['batch_size']} | {r['transformers_4_55_tokens_per_s']} | {r['cdlm_tokens_per_s']} | "
-            f"{r['speedup']}x | {'yes' if r['identical_tokens'] else 'NO'} |"
+            f"{r['speedup']}x | {'yes' if r['identical_tokens'] else 'NO'} | {r['cdlm_greedy_tokens_per_s']} | {r['cdlm_over_greedy']} |"
         )
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")

@@ -15,7 +15,8 @@ What it does (rerunnable; lm-eval lives in its own venv so cdlm's stays untouche
 5. Compares per-choice log-likelihoods (|diff| <= 1e-3), predicted endings, the exact context /
    continuation strings and prompts lm-eval built, GSM8K responses, extracted answers and scores; writes
    ``benchmarks/results/eval_lm_eval_agreement.{json,md}`` and, with ``--write-fixture K``, a small
-   fixture of lm-eval's per-choice log-likelihoods for ``tests/test_eval_lm_eval_fixture.py``.
+   fixture of lm-eval's per-choice log-likelihoods (first K HellaSwag docs) and greedy GSM8K responses
+   (first min(K, 3) problems) for ``tests/test_eval_scoring.py`` and ``tests/test_eval_harness.py``.
 
 Tokenisation: lm-eval 0.4.13's HF backend encodes with the tokenizer's default special tokens
 (``add_bos_token=None``); cdlm's ``encode_pair`` does the same, so both sides score the same token
@@ -180,8 +181,7 @@ def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
     from cdlm.eval_harness import gsm8k as task
     from cdlm.eval_harness.data import packaged_path, read_jsonl
 
-    # lm-eval logs one sample per (doc, filter): strict-match and flexible-extract share a generation.
-    samples = sorted({s["doc_id"]: s for s in lm_eval_out["samples"]}.values(), key=lambda s: s["doc_id"])
+    samples = _gsm8k_samples(lm_eval_out)
     rows = read_jsonl(packaged_path("gsm8k/test"))[: len(samples)]
     prompts = task.build_prompts(task.GSM8K, rows, read_jsonl(packaged_path("gsm8k/train")))
     same_prompt = sum(_args_strings(s["arguments"][0])[0] == p for s, p in zip(samples, prompts))
@@ -214,6 +214,23 @@ def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
     }
 
 
+def _gsm8k_samples(lm_eval_task_out: dict) -> list[dict]:
+    """One sample per document (lm-eval logs one per filter; strict-match and flexible-extract share a generation)."""
+    return sorted({s["doc_id"]: s for s in lm_eval_task_out["samples"]}.values(), key=lambda s: s["doc_id"])
+
+
+def write_gsm8k_fixture(lm_eval_task_out: dict, model: str, k: int) -> None:
+    from cdlm.eval_harness.records import atomic_write_json
+
+    samples = _gsm8k_samples(lm_eval_task_out)[:k]
+    fixture = {
+        "model": model, "lm_eval_version": "0.4.13", "task": "gsm8k (5-shot, greedy, max_gen_toks 256)",
+        "problems": [{"doc_id": s["doc_id"], "prompt": _args_strings(s["arguments"][0])[0], "lm_eval_response": s["resps"][0][0],
+                      "strict_match": s.get("exact_match,strict-match", s.get("exact_match"))} for s in samples],
+    }
+    atomic_write_json(ROOT / "tests" / "fixtures" / "lm_eval_gsm8k_smollm2.json", fixture)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -223,7 +240,8 @@ def main() -> int:
     parser.add_argument("--venv", default=str(ROOT / ".venv-lmeval"))
     parser.add_argument("--workdir", default="/tmp/cdlm_lm_eval_agreement")
     parser.add_argument("--reuse-lm-eval", action="store_true", help="reuse the lm-eval outputs of a previous run in --workdir")
-    parser.add_argument("--write-fixture", type=int, default=0, help="store lm-eval log-likelihoods of the first K HellaSwag docs")
+    parser.add_argument("--write-fixture", type=int, default=0,
+                        help="store lm-eval's log-likelihoods of the first K HellaSwag docs and its first min(K, 3) GSM8K responses")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "eval_lm_eval_agreement"))
     args = parser.parse_args()
 
@@ -271,6 +289,8 @@ def main() -> int:
             }
             atomic_write_json(ROOT / "tests" / "fixtures" / "lm_eval_hellaswag_smollm2.json", fixture)
     if "cdlm_gsm8k" in lm_eval_out:
+        if args.write_fixture:
+            write_gsm8k_fixture(lm_eval_out["cdlm_gsm8k"], args.model, min(args.write_fixture, 3))
         report["gsm8k"] = compare_gsm8k(loaded, lm_eval_out["cdlm_gsm8k"], args.batch_size)
         print(json.dumps(report["gsm8k"], indent=2), flush=True)
     atomic_write_json(args.output + ".json", report)
@@ -288,7 +308,10 @@ def main() -> int:
         g = report["gsm8k"]
         lines += [f"GSM8K 5-shot greedy ({g['docs']} problems): same prompt {100 * g['same_prompt']:.0f}%, same response "
                   f"{100 * g['same_response']:.0f}%, same strict-match score {100 * g['same_strict_match_score']:.0f}%; "
-                  f"lm-eval {g['lm_eval']}, cdlm {g['cdlm']}.", ""]
+                  f"strict-match / flexible-extract: lm-eval {g['lm_eval']['exact_match,strict-match']:.2f} / "
+                  f"{g['lm_eval']['exact_match,flexible-extract']:.2f}, cdlm {g['cdlm']['exact_match,strict-match']:.2f} / "
+                  f"{g['cdlm']['exact_match,flexible-extract']:.2f}; seconds: lm-eval {g['lm_eval']['seconds']:.0f}, "
+                  f"cdlm {g['cdlm']['seconds']:.0f} (batch {args.batch_size}).", ""]
     atomic_write_text(args.output + ".md", "\n".join(lines))
     return 0
 

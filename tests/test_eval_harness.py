@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -220,3 +221,26 @@ def test_contrastive_input_scoring_contrasts_with_the_activity_label(loaded, dat
     label_only, _ = score_requests(loaded.model, loaded.tokenizer, [request])
     assert record["contrast_loglikelihoods"] == pytest.approx([s.loglikelihood for s in label_only[0]], abs=1e-4)
     assert record["scores"] == pytest.approx([e - c for e, c in zip(record["expert_loglikelihoods"], record["contrast_loglikelihoods"])])
+
+
+GSM8K_FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval_gsm8k_smollm2.json"
+
+
+@pytest.mark.real_model
+def test_smollm2_gsm8k_prompts_and_greedy_outputs_match_stored_lm_eval_ones(smollm2):
+    """lm-eval 0.4.13's 5-shot prompts and greedy responses (benchmarks/lm_eval_agreement.py --write-fixture)
+    are reproduced exactly: same exemplar draw, same stop handling, same text, same score."""
+    from cdlm.decoding.runner import generate
+    from cdlm.eval_harness import gsm8k as task
+    from cdlm.eval_harness.data import packaged_path, read_jsonl
+
+    problems = json.loads(GSM8K_FIXTURE.read_text())["problems"]
+    rows = read_jsonl(packaged_path("gsm8k/test"))[: len(problems)]
+    prompts = task.build_prompts(task.GSM8K, rows, read_jsonl(packaged_path("gsm8k/train")))
+    assert prompts == [p["prompt"] for p in problems]
+    stop = [*task.GSM8K.until, smollm2.tokenizer.eos_token]
+    generations, _ = generate(smollm2.model, smollm2.tokenizer, prompts, _greedy(smollm2), max_new_tokens=256,
+                              batch_size=len(prompts), stop=stop)
+    assert [g.text for g in generations] == [p["lm_eval_response"] for p in problems]
+    scores = [task.score(task.GSM8K, g.text, row)["exact_match,strict-match"] for g, row in zip(generations, rows)]
+    assert scores == [p["strict_match"] for p in problems]
