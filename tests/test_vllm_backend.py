@@ -93,3 +93,26 @@ def test_eval_harness_gsm8k_through_vllm_matches_transformers(setup, tmp_path):
     responses = lambda run: [json.loads(line)["response"] for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert responses("vllm") == responses("hf")
     assert through_vllm["results"] == through_hf["results"]
+
+
+def test_distillm2_pairs_through_vllm_match_the_hf_teacher(setup, tmp_path):
+    """DistiLLM-2 pair generation with vLLM completion generators: greedy teacher responses are the HF
+    ones token for token (EOS kept); sampled student responses are reproducible per seed."""
+    from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs
+    from cdlm.decoding.vllm import completion_generator
+
+    engine, loaded, _, _ = setup
+    prompts = [p for p, _ in PAIRS] + ["Answer with one word only: is water wet?"]
+    kwargs = dict(teacher=loaded.model, student=loaded.model, tokenizer=loaded.tokenizer, batch_size=2)
+    hf = generate_pairs(prompts, output=tmp_path / "hf.jsonl",
+                        settings=PairGenerationSettings("smollm2", "smollm2", max_new_tokens=12, score=False), **kwargs)
+    vllm_settings = PairGenerationSettings("smollm2", "smollm2", max_new_tokens=12, score=False, backend="vllm")
+    through_vllm = [
+        generate_pairs(prompts, output=tmp_path / f"vllm{i}.jsonl", settings=vllm_settings,
+                       teacher_generate=completion_generator(engine), student_generate=completion_generator(engine), **kwargs)
+        for i in range(2)
+    ]
+    assert [r["chosen_ids"] for r in through_vllm[0]] == [r["chosen_ids"] for r in hf]
+    assert any(r["chosen_ids"][-1] in engine.eos_token_ids for r in hf)  # the EOS-kept case is covered
+    assert [r["rejected_ids"] for r in through_vllm[0]] == [r["rejected_ids"] for r in through_vllm[1]]
+    assert all(0 < len(r["rejected_ids"]) <= 12 for r in through_vllm[0])

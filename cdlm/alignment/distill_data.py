@@ -61,9 +61,29 @@ class PairGenerationSettings:
     student_sampling: SamplingSettings = field(default_factory=SamplingSettings)
     seed: int = 0
     score: bool = True
+    backend: str = "transformers"  # what generated the responses ("vllm": same greedy ids, other samples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+CompletionGenerator = Callable[..., list[list[int]]]
+"""``(prompt_ids, *, max_new_tokens, sampling, seed) -> completion ids`` (an EOS that ended a completion is
+kept). ``hf_completion_generator`` builds one on ``model.generate``; the vLLM backend's
+``completion_generator(engine)`` builds one on a vLLM engine."""
+
+
+def hf_completion_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8) -> CompletionGenerator:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+
+    def generate(prompt_ids, *, max_new_tokens: int, sampling: SamplingSettings, seed: int | None) -> list[list[int]]:
+        return generate_from_ids(
+            model, prompt_ids, pad_token_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
+            sampling=sampling, batch_size=batch_size, seed=seed,
+        )
+
+    return generate
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat_template: bool) -> list[str]:
@@ -219,8 +239,14 @@ def generate_pairs(
     student_tokenizer: PreTrainedTokenizerBase | None = None,
     batch_size: int = 8,
     on_batch: Callable[[int, int], None] | None = None,
+    teacher_generate: CompletionGenerator | None = None,
+    student_generate: CompletionGenerator | None = None,
 ) -> list[dict[str, Any]]:
     """Generate (teacher, student) response pairs for ``prompts`` into the JSON-lines file ``output``.
+
+    Responses come from ``teacher_generate`` / ``student_generate`` (default: batched HF generate on
+    ``teacher`` / ``student``; pass the vLLM backend's ``completion_generator(engine)`` to generate
+    there, and say so in ``settings.backend``). The models themselves still score the responses.
 
     Records: ``id``, ``prompt`` (as given), ``prompt_text`` (as rendered for the models),
     ``chosen``/``rejected`` (teacher/student text), ``prompt_ids``/``chosen_ids``/``rejected_ids``
@@ -260,9 +286,8 @@ def generate_pairs(
     done = {row["id"] for row in existing}
     rendered = render_prompts(tokenizer, prompts, settings.chat_template)
     todo = [(i, _record_key(i, p)) for i, p in enumerate(prompts) if _record_key(i, p) not in done]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    teacher_eos = eos_token_ids(teacher, tokenizer)
-    student_eos = eos_token_ids(student, tokenizer)
+    teacher_generate = teacher_generate or hf_completion_generator(teacher, tokenizer, batch_size)
+    student_generate = student_generate or hf_completion_generator(student, tokenizer, batch_size)
     finished = len(prompts) - len(todo)
     with output.open("a", encoding="utf-8") as handle:
         for start in range(0, len(todo), batch_size):
@@ -270,15 +295,11 @@ def generate_pairs(
             texts = [rendered[i] for i, _ in batch]
             prompt_ids = encode_prompts(tokenizer, texts, settings.chat_template)
             seed = settings.seed + batch[0][0]
-            chosen = generate_from_ids(
-                teacher, prompt_ids, pad_token_id=pad_id, eos_ids=teacher_eos,
-                max_new_tokens=settings.max_new_tokens, sampling=settings.teacher_sampling,
-                batch_size=batch_size, seed=seed,
+            chosen = teacher_generate(
+                prompt_ids, max_new_tokens=settings.max_new_tokens, sampling=settings.teacher_sampling, seed=seed
             )
-            rejected = generate_from_ids(
-                student, prompt_ids, pad_token_id=pad_id, eos_ids=student_eos,
-                max_new_tokens=settings.max_new_tokens, sampling=settings.student_sampling,
-                batch_size=batch_size, seed=seed + 1_000_003,
+            rejected = student_generate(
+                prompt_ids, max_new_tokens=settings.max_new_tokens, sampling=settings.student_sampling, seed=seed + 1_000_003
             )
             scores: dict[str, list[float]] = {}
             if settings.score:

@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
     gen.add_argument("--no-score", dest="score", action="store_false", help="skip the log-prob anchors (adaptive alpha then computes them)")
+    gen.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
+                     help="generate the responses with transformers (default) or vLLM (needs cdlm[vllm]; teacher and "
+                     "student must be servable references: registered names, GGUF files or folders)")
     gen.set_defaults(func=run_generate)
 
     train = actions.add_parser("train", help="train the student with DistiLLM-2 (or CALD / plain KD) on a pair file")
@@ -107,8 +110,16 @@ def run_generate(args: argparse.Namespace) -> int:
         student_sampling=_sampling(args.student_temperature, args.top_p),
         seed=args.seed,
         score=args.score,
+        backend=args.backend,
     )
     teacher, student = _load_pair(args)
+    generators = {}
+    if args.backend == "vllm":
+        from cdlm.decoding.vllm import completion_generator, load_vllm
+
+        for role in ("teacher", "student"):
+            engine = load_vllm(getattr(args, role), dtype=args.dtype, max_num_seqs=args.batch_size)
+            generators[f"{role}_generate"] = completion_generator(engine)
     rows = generate_pairs(
         prompts,
         teacher=teacher.model,
@@ -119,6 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
         settings=settings,
         batch_size=args.batch_size,
         on_batch=lambda done, total: progress(f"[distill generate] {done}/{total} prompts"),
+        **generators,
     )
     print(json.dumps({"pairs": len(rows), "output": str(args.output)}))
     return 0

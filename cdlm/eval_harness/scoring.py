@@ -26,6 +26,7 @@ expert's own forward (``EarlyExitAmateur.capture``).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -76,9 +77,6 @@ def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuatio
         if not ids:
             raise ValueError(f"continuation {index} ({continuations[index]!r}) encodes to no tokens")
     return EncodedRequest(pairs[0][0], [ids for _, ids in pairs])
-
-
-AmateurScorer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -141,6 +139,11 @@ def _segment_mask(segment: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.unsqueeze(1)
 
 
+def _captured_exit_states(early_exit) -> contextlib.AbstractContextManager:
+    """The early-exit amateur's hidden states recorded during the block's forwards (``None`` without one)."""
+    return early_exit.capture() if early_exit is not None else contextlib.nullcontext(None)
+
+
 def _sum_per_choice(logits: torch.Tensor, targets: torch.Tensor, lengths: list[int]) -> list[tuple[float, bool]]:
     """(log-likelihood, all-greedy) per choice from one logits row per choice token."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -169,9 +172,7 @@ def score_batch_packed(
     device = model.device
     ids, segment, positions, rows, predictors, targets, lengths = _packed_layout(requests, pad_id)
     mask = _segment_mask(segment, model.dtype)
-    capture = early_exit.capture() if early_exit is not None else None
-    captured = capture.__enter__() if capture is not None else None
-    try:
+    with _captured_exit_states(early_exit) as captured:
         hidden = model.get_decoder()(
             input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False
         ).last_hidden_state
@@ -181,9 +182,6 @@ def score_batch_packed(
         if captured is not None:
             exit_hidden = captured.pop()
             amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(exit_hidden[rows, predictors]), targets, lengths)
-    finally:
-        if capture is not None:
-            capture.__exit__(None, None, None)
     return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
 
 
@@ -215,9 +213,7 @@ def score_batch_shared(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    capture = early_exit.capture() if early_exit is not None else None
-    captured = capture.__enter__() if capture is not None else None
-    try:
+    with _captured_exit_states(early_exit) as captured:
         model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         if captured is not None:
             captured.clear()
@@ -246,9 +242,6 @@ def score_batch_shared(
         if captured is not None:
             hidden = captured.pop()
             amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(hidden[real]), targets[real], lengths)
-    finally:
-        if capture is not None:
-            capture.__exit__(None, None, None)
     return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
 
 
@@ -262,17 +255,12 @@ def score_batch_naive(
         for cont in request.continuations:
             sequence = torch.tensor([request.context + cont], device=model.device)
             target = torch.tensor(cont, device=model.device)
-            capture = early_exit.capture() if early_exit is not None else None
-            captured = capture.__enter__() if capture is not None else None
-            try:
+            with _captured_exit_states(early_exit) as captured:
                 logits = model(input_ids=sequence).logits[0, len(request.context) - 1 : -1]
                 expert_flat += _sum_per_choice(logits, target, [len(cont)])
                 if captured is not None:
                     hidden = captured.pop()[0, len(request.context) - 1 : -1]
                     amateur_flat += _sum_per_choice(early_exit.logits_from_hidden(hidden), target, [len(cont)])
-            finally:
-                if capture is not None:
-                    capture.__exit__(None, None, None)
             lengths.append(len(cont))
     return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
 

@@ -61,6 +61,7 @@ from typing import Any
 from cdlm.decoding.vllm.amateurs import clear_amateurs, register_amateur
 from cdlm.decoding.vllm.backend import (
     VLLMEngine,
+    completion_generator,
     generate,
     load_vllm,
     require_vllm,
@@ -78,6 +79,7 @@ __all__ = [
     "ContrastiveLogitsProcessor",
     "VLLMEngine",
     "clear_amateurs",
+    "completion_generator",
     "generate",
     "load_vllm",
     "register_amateur",

@@ -268,3 +268,41 @@ def runner_compatible(engine: VLLMEngine) -> Callable[..., tuple[list[Generation
 
     generate_with_vllm.backend = "vllm"  # recorded by the eval harness in its run signature
     return generate_with_vllm
+
+
+def completion_generator(engine: VLLMEngine) -> Callable[..., list[list[int]]]:
+    """Token ids in, completion ids out, through ``engine``: the contract of
+    ``cdlm.alignment.distill_data.CompletionGenerator`` (pipelines that build their own prompt ids,
+    such as DistiLLM-2's pair generation, switch to vLLM with it).
+
+    ``sampling`` is a ``distill_data.SamplingSettings``; greedy requests give the same ids as HF
+    greedy; sampled ones use vLLM's per-request seeds (``seed + row``), so they are reproducible but
+    not the samples HF would draw. An EOS that ended a completion is kept, as in the HF path.
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    def generate_ids(prompt_ids, *, max_new_tokens: int, sampling: Any, seed: int | None) -> list[list[int]]:
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        common = {"max_tokens": max_new_tokens, "stop_token_ids": sorted(engine.eos_token_ids)}
+        requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        if sampling.do_sample:
+            params = [
+                SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                               seed=None if seed is None else seed + row, **common)
+                for row in range(len(requests))
+            ]
+        else:
+            params = [SamplingParams(temperature=0.0, **common)] * len(requests)
+        outputs = engine.llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            ids = list(output.outputs[0].token_ids)
+            stop = output.outputs[0].stop_reason
+            if isinstance(stop, int) and stop in engine.eos_token_ids and (not ids or ids[-1] != stop):
+                ids.append(stop)  # vLLM may leave the stop token out of the ids; HF keeps it
+            completions.append(ids)
+        return completions
+
+    return generate_ids
