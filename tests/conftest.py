@@ -25,6 +25,20 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (opt in with ``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Tiny models and small tensors gain nothing from intra-op threads, and on a busy 2-core machine
+    OpenMP barriers made such tests up to ~100x slower. The contrastive-search reference fixture was
+    also recorded with one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return testing.tiny_tokenizer()

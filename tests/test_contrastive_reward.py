@@ -13,14 +13,8 @@ from cdlm.alignment.baselines import BaselineCache, BaselineSettings, generate_b
 from cdlm.alignment.rewards import ContrastiveReward, GSM8KReward, as_trl_reward_func, extract_final_number, load_reward
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU the thread barriers cost ~50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 BASELINES = {"p1": [0.0, 1.0, 1.0, 4.0], "p2": [2.0, 2.0, 2.0, 2.0]}
 

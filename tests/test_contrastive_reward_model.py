@@ -5,19 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from datasets import Dataset
 
 from cdlm import testing
 from cdlm.alignment.rewards import ContrastiveReward, SequenceClassificationReward, load_reward, train_reward_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_reward_model_with_trl_and_score(tmp_path):

@@ -21,18 +21,10 @@ from cdlm.decoding.contrastive_search import (
 from cdlm.decoding.methods import get_method
 from cdlm.decoding.runner import generate as run_generate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FIXTURE = Path(__file__).parent / "fixtures" / "contrastive_search_reference.json"
 PROMPTS = ["The quick brown fox", "A man is sitting on a roof. He", "0 1 2 3 4 5 6 7"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a small shared CPU, two threads oversubscribe and run tiny models ~100x
-    slower; the recorded 4.55.4 reference was also produced with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def naive_contrastive_search(model, input_ids, attention_mask, alpha, k, max_new_tokens, eos_id, pad_id):

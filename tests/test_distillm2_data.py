@@ -21,16 +21,9 @@ from cdlm.cli import main
 from cdlm.decoding.methods import Greedy
 from cdlm.decoding.runner import generate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["What is 2+2?", "Tell me about the fox.", "How do I bake bread?", "Count to five."]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,9 @@ from cdlm.alignment.distillm2_losses import (
     skew_reverse_kl,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 V = 50
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors gain nothing from intra-op threads, and on a loaded machine OpenMP waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _logits(*shape, scale=3.0, seed=0):

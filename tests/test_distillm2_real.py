@@ -12,16 +12,7 @@ from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs
 from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
 from cdlm.models import load_amateur
 
-pytestmark = pytest.mark.real_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these forwards are small, and on a shared machine OpenMP waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _shallow_student(teacher, layers: int) -> LlamaForCausalLM:

@@ -13,16 +13,9 @@ from cdlm.alignment.distillm2 import DistiLLM2Collator, DistiLLM2Config, DistiLL
 from cdlm.alignment.distillm2_losses import adaptive_alpha, likelihood_gap, skew_kl, skew_reverse_kl, forward_kl
 from cdlm.models.amateur import TokenizerMismatchError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["What is 2+2?", "Tell me about the fox.", "How do I bake bread?", "Count to five.", "Name a colour.", "Why is the sky blue?"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine OpenMP waits dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

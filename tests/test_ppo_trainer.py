@@ -13,14 +13,8 @@ from cdlm.alignment.rewards import ContrastiveReward
 from cdlm.alignment.rollout import render_prompts, response_mask, sample_responses
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU the thread barriers cost ~50x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 PROMPTS = ["The quick brown", "Answer: She sold", "A man is sitting on", "Human: How do I bake"]
 
