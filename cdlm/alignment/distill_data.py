@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cdlm.models.amateur import check_same_vocabulary
+from cdlm.models.amateur import TokenizerMismatchError, check_same_vocabulary
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SCORE_FIELDS = ("chosen_teacher_logp", "chosen_student_logp", "rejected_teacher_logp", "rejected_student_logp")
@@ -100,6 +100,29 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, rendered: Sequence[str], 
     # A rendered chat template already holds its BOS text; adding special tokens again would double it.
     add_special = not (chat_template and getattr(tokenizer, "chat_template", None))
     return [tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in rendered]
+
+
+def shared_vocab_size(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> int:
+    """The id range both heads score; raises ``TokenizerMismatchError`` on a real vocabulary mismatch.
+
+    Heads padded past the tokenizer (e.g. to a multiple of 64) are fine: the divergences are taken
+    over ``min(student head, teacher head)`` ids, which must cover every token of the tokenizer.
+    """
+    if teacher_tokenizer is not None:
+        check_same_vocabulary(teacher_tokenizer, tokenizer, expert_name="teacher", amateur_name="student")
+    vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    if len(tokenizer) > vocab:
+        raise TokenizerMismatchError(
+            f"teacher and student do not share the tokenizer's vocabulary: the tokenizer has {len(tokenizer)} "
+            f"tokens, but the student head scores {student.get_output_embeddings().weight.shape[0]} ids and the "
+            f"teacher head {teacher.get_output_embeddings().weight.shape[0]}"
+        )
+    return vocab
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -259,14 +282,7 @@ def generate_pairs(
     blank = [i for i, p in enumerate(prompts) if not str(p).strip()]
     if blank:
         raise ValueError(f"{len(blank)} prompt(s) are empty or whitespace (first at index {blank[0]})")
-    if student_tokenizer is not None:
-        check_same_vocabulary(tokenizer, student_tokenizer, expert_name="teacher", amateur_name="student")
-    vocab = min(teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0])
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the teacher/student heads share only {vocab}: "
-            "teacher and student do not share this vocabulary"
-        )
+    vocab = shared_vocab_size(student, teacher, student_tokenizer or tokenizer, tokenizer if student_tokenizer else None)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     meta_path = settings_path(output)

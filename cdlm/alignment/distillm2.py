@@ -47,6 +47,7 @@ from cdlm.alignment.distill_data import (
     eos_token_ids,
     generate_from_ids,
     mean_logprobs,
+    shared_vocab_size,
 )
 from cdlm.alignment.distillm2_losses import (
     adaptive_alpha,
@@ -55,7 +56,6 @@ from cdlm.alignment.distillm2_losses import (
     likelihood_gap,
     linear_beta,
 )
-from cdlm.models.amateur import TokenizerMismatchError, check_same_vocabulary
 
 LOSS_TYPES = ("distillm2", "cald", "skl", "srkl", "fkl")
 
@@ -179,29 +179,6 @@ def _logits_fn(model: PreTrainedModel, vocab_size: int):
         return logits
 
     return fn
-
-
-def shared_vocab_size(
-    student: PreTrainedModel,
-    teacher: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
-) -> int:
-    """The id range both heads score; raises ``TokenizerMismatchError`` on a real vocabulary mismatch.
-
-    Heads padded past the tokenizer (e.g. to a multiple of 64) are fine: the divergences are taken
-    over ``min(student head, teacher head)`` ids, which must cover every token of the tokenizer.
-    """
-    if teacher_tokenizer is not None:
-        check_same_vocabulary(teacher_tokenizer, tokenizer, expert_name="teacher", amateur_name="student")
-    vocab = min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
-    if len(tokenizer) > vocab:
-        raise TokenizerMismatchError(
-            f"teacher and student do not share the tokenizer's vocabulary: the tokenizer has {len(tokenizer)} "
-            f"tokens, but the student head scores {student.get_output_embeddings().weight.shape[0]} ids and the "
-            f"teacher head {teacher.get_output_embeddings().weight.shape[0]}"
-        )
-    return vocab
 
 
 def _positions(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, rows: slice):
