@@ -51,6 +51,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from cdlm.decoding.methods import DecodingMethod, Param
+from cdlm.models.amateur import head_logits
 
 DEFAULT_PENALTY_ALPHA = 0.6
 DEFAULT_TOP_K = 4
@@ -93,16 +94,11 @@ class _Forward:
         self.model = model
         self.body = model.base_model if model.base_model is not model else None
         self.head = model.get_output_embeddings()
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.softcap = getattr(config, "final_logit_softcapping", None)
         self.fast = False
         self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return head_logits(self.model, hidden)
 
     def prefill(self, input_ids, attention_mask, position_ids, cache, extra):
         """Last hidden states (B, T, H), float32 next-token logits (B, V) and every layer's hidden states."""

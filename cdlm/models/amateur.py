@@ -131,7 +131,8 @@ def head_logits(model: PreTrainedModel, normed_hidden: torch.Tensor, token_ids: 
     else:
         bias = None if head.bias is None else head.bias[token_ids]
         logits = torch.nn.functional.linear(normed_hidden, head.weight[token_ids], bias)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
