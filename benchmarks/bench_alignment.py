@@ -57,9 +57,9 @@ def build(config_name: str, args: argparse.Namespace):
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
-    from cdlm.alignment.config import PreferenceConfig
-    from cdlm.alignment.data import load_default_splits
-    from cdlm.alignment.trainer import PreferenceTrainer
+    from cdlm.alignment.preference.config import PreferenceConfig
+    from cdlm.alignment.preference.data import load_default_splits
+    from cdlm.alignment.preference.trainer import PreferenceTrainer
 
     train, _ = load_default_splits()
     lengths = [len(r["prompt"]) + len(r["chosen"]) + len(r["rejected"]) for r in train]

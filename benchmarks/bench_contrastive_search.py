@@ -1,13 +1,23 @@
-"""Contrastive search speed: cdlm (transformers 5) vs transformers 4.55.4's built-in implementation.
+"""Contrastive search speed against plain greedy and transformers 4.55.4, short and long (GSM8K 5-shot) prompts.
 
-Both run side by side in one benchmark on the same CPU, with the same input ids and thread count:
-cdlm in this process, 4.55.4 in a persistent worker subprocess under its own venv (see
-``benchmarks/record_contrastive_search_reference.py`` for how to create ``.venv-tf455``). Runs
-alternate (old, new, old, new, ...) so load from other processes hits both alike; the median of each
-side is reported. Every run also checks that both produced identical tokens.
+Methods, all on the same input ids, thread count and CPU:
 
-    python benchmarks/bench_contrastive_search.py                      # k=4 b=1, k=8 b=1, k=4 b=8
-    python benchmarks/bench_contrastive_search.py --configs 4x1 --repeats 5
+* ``greedy``: transformers 5 ``generate(do_sample=False)``, the ceiling for any method needing one forward per token;
+* ``cs``: cdlm's contrastive search as users get it (``candidate_layout="auto"``: the k candidates of a row as k
+  query positions over one copy of the row's cache, after a one-row check on the first step);
+* ``cs_per_row``: cdlm with ``candidate_layout="row_per_candidate"`` (4.55.4's layout, B*k cache rows);
+* ``tf455``: transformers 4.55.4's built-in contrastive search, in a persistent worker under ``.venv-tf455``
+  (see ``benchmarks/record_contrastive_search_reference.py``);
+* ``prefill``: greedy with one new token, so decode-only times can be told apart from the shared prompt cost.
+
+The machine is a shared, noisy 2-core box, so within each repeat the methods run back to back in an order that
+rotates between repeats, every run records the load average, and the report gives the median and the spread
+(min..max) of each method and of the per-repeat ratios. A ratio whose min..max range straddles the goal, or
+whose spread exceeds ``--max-spread``, is marked inconclusive. Every repeat also checks that all contrastive
+search runs produced the same tokens.
+
+    python benchmarks/bench_contrastive_search.py                       # 4x1 and 4x8, short and long prompts
+    python benchmarks/bench_contrastive_search.py --configs 4x8:long --methods greedy,cs,prefill --repeats 5
 
 Results go to ``benchmarks/results/contrastive_search.{json,md}``.
 """
@@ -27,7 +37,7 @@ from _machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROMPTS = [
+SHORT_PROMPTS = [
     "The history of the Roman Empire",
     "Once upon a time, there was a little robot who",
     "The best way to learn a new language is",
@@ -101,15 +111,55 @@ class OldTransformers:
         self.process.wait(timeout=60)
 
 
+GOAL = 0.85  # issue 14: contrastive search >= 0.85x greedy tokens/s at batch 8 with ~900-token prompts
+METHODS = ("prefill", "greedy", "cs", "cs_per_row", "tf455")
+
+
+def _long_prompts(batch_size: int) -> list[str]:
+    """GSM8K 5-shot prompts (lm-eval's format, cdlm's packaged data): about 800-1100 SmolLM2 tokens each."""
+    from cdlm.eval_harness.data import packaged_path, read_jsonl
+    from cdlm.eval_harness.tasks.gsm8k import GSM8K, build_prompts
+
+    test, train = read_jsonl(packaged_path("gsm8k/test")), read_jsonl(packaged_path("gsm8k/train"))
+    return build_prompts(GSM8K, test[:batch_size], train)
+
+
+def _spread(values: list[float]) -> dict:
+    median = statistics.median(values)
+    return {
+        "median": round(median, 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "spread": round((max(values) - min(values)) / median, 3) if median else None,
+    }
+
+
+def _verdict(ratio: dict, max_spread: float, goal: float | None) -> str:
+    if ratio["spread"] is None or ratio["spread"] > max_spread:
+        return "inconclusive (spread)"
+    if goal is None:
+        return "ok"
+    if ratio["min"] >= goal:
+        return "goal met"
+    if ratio["max"] < goal:
+        return "goal missed"
+    return "inconclusive (straddles goal)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="4x1,8x1,4x8", help="comma-separated top_k x batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--configs", default="4x1:short,4x8:short,4x1:long,4x8:long", help="top_k x batch : short|long")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--penalty-alpha", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side and config (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1: stable on a shared CPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per config (after one short warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads everywhere (default 1: steadier on a shared CPU)")
+    parser.add_argument("--max-spread", type=float, default=0.25, help="(max-min)/median above which a ratio is inconclusive")
     parser.add_argument("--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4")
     parser.add_argument("--output", default=str(RESULTS / "contrastive_search"), help="path prefix for .json and .md")
+    parser.add_argument(
+        "--append", action="store_true", help="add to the results already in --output (e.g. another method set) instead of replacing them"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,6 +167,17 @@ def main() -> None:
     if args.worker:
         _worker(args.gguf, args.threads)
         return
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    configs = []
+    for config in args.configs.split(","):
+        sizes, _, kind = config.partition(":")
+        if kind not in ("short", "long"):
+            raise SystemExit(f"config {config!r}: expected TOPKxBATCH:short or TOPKxBATCH:long")
+        top_k, batch_size = (int(x) for x in sizes.lower().split("x"))
+        configs.append((top_k, batch_size, kind))
 
     import torch
     import transformers
@@ -126,121 +187,158 @@ def main() -> None:
     from cdlm.models.registry import get_registered
 
     torch.set_num_threads(args.threads)
-    gguf = get_registered("smollm2-135m-instruct").gguf_path(Path("/nonexistent"))  # a file inside the package
-    old = OldTransformers(args.python, gguf, args.threads)
+    old = None
+    if "tf455" in methods:
+        gguf = get_registered("smollm2-135m-instruct").gguf_path(Path("/nonexistent"))  # a file inside the package
+        old = OldTransformers(args.python, gguf, args.threads)
     loaded = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
     model, tokenizer = loaded.model, loaded.tokenizer
-    pad = tokenizer.pad_token_id
+    tokenizer.padding_side = "left"
 
-    def run_new(request: dict) -> dict:
-        input_ids = torch.tensor(request["input_ids"])
-        attention_mask = torch.tensor(request["attention_mask"])
-        with torch.inference_mode():
-            began = time.perf_counter()
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+    def run_cdlm(method: str, request: dict) -> dict:
+        new_tokens = 1 if method == "prefill" else request["max_new_tokens"]
+        kwargs = {}
+        if method in ("cs", "cs_per_row"):
+            kwargs = dict(
                 custom_generate=contrastive_search,
                 penalty_alpha=request["penalty_alpha"],
                 top_k=request["top_k"],
-                max_new_tokens=request["max_new_tokens"],
-                min_new_tokens=request["max_new_tokens"],
-                pad_token_id=request["pad_token_id"],
+                candidate_layout="auto" if method == "cs" else "row_per_candidate",
             )
-            seconds = time.perf_counter() - began
-        return {"seconds": seconds, "output_ids": out[:, input_ids.shape[1] :].tolist()}
-
-    def run_greedy(request: dict) -> float:
-        """Plain greedy on the same rows: the ceiling for any method that needs >= 1 forward per token."""
         with torch.inference_mode():
             began = time.perf_counter()
-            model.generate(
+            out = model.generate(
                 input_ids=torch.tensor(request["input_ids"]),
                 attention_mask=torch.tensor(request["attention_mask"]),
                 do_sample=False,
-                max_new_tokens=request["max_new_tokens"],
-                min_new_tokens=request["max_new_tokens"],
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
                 pad_token_id=request["pad_token_id"],
+                **kwargs,
             )
-            return time.perf_counter() - began
+            seconds = time.perf_counter() - began
+        return {"seconds": seconds, "output_ids": out[:, len(request["input_ids"][0]) :].tolist()}
+
+    def run(method: str, request: dict) -> dict:
+        result = old.run(request) if method == "tf455" else run_cdlm(method, request)
+        return {**result, "load": round(os.getloadavg()[0], 2)}
 
     results = []
-    for config in args.configs.split(","):
-        top_k, batch_size = (int(x) for x in config.lower().split("x"))
-        batch = tokenizer(PROMPTS[:batch_size], return_tensors="pt", padding=True)
+    for top_k, batch_size, kind in configs:
+        prompts = SHORT_PROMPTS[:batch_size] if kind == "short" else _long_prompts(batch_size)
+        if len(prompts) < batch_size:
+            raise SystemExit(f"only {len(prompts)} {kind} prompts for batch {batch_size}")
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
         request = {
             "input_ids": batch["input_ids"].tolist(),
             "attention_mask": batch["attention_mask"].tolist(),
             "penalty_alpha": args.penalty_alpha,
             "top_k": top_k,
             "max_new_tokens": args.max_new_tokens,
-            "pad_token_id": pad,
+            "pad_token_id": tokenizer.pad_token_id,
         }
-        warm = {**request, "max_new_tokens": 4}
-        old.run(warm)
-        run_new(warm)
-        old_seconds, new_seconds, greedy_seconds, identical = [], [], [], True
-        for _ in range(args.repeats):
-            o = old.run(request)
-            n = run_new(request)
-            old_seconds.append(o["seconds"])
-            new_seconds.append(n["seconds"])
-            greedy_seconds.append(run_greedy(request))
-            identical &= o["output_ids"] == n["output_ids"]
+        prompt_tokens = batch["attention_mask"].sum(-1).tolist()
+        warm = {**request, "max_new_tokens": 2}
+        for method in methods:
+            run(method, warm)
+        seconds = {m: [] for m in methods}
+        loads, identical = [], True
+        for repeat in range(args.repeats):
+            order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
+            outputs = {}
+            for method in order:
+                result = run(method, request)
+                seconds[method].append(result["seconds"])
+                outputs[method] = result["output_ids"]
+                loads.append(result["load"])
+            searched = [outputs[m] for m in ("cs", "cs_per_row", "tf455") if m in outputs]
+            identical &= all(o == searched[0] for o in searched)
+            print(f"  {top_k}x{batch_size}:{kind} repeat {repeat}: "
+                  + ", ".join(f"{m} {seconds[m][-1]:.2f}s" for m in methods) + f", load {loads[-1]}", flush=True)
         tokens = batch_size * args.max_new_tokens
-        old_tps = tokens / statistics.median(old_seconds)
-        new_tps = tokens / statistics.median(new_seconds)
-        greedy_tps = tokens / statistics.median(greedy_seconds)
         row = {
             "top_k": top_k,
             "batch_size": batch_size,
+            "prompts": kind,
+            "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens), "padded": batch["input_ids"].shape[1]},
             "new_tokens_per_row": args.max_new_tokens,
-            "transformers_4_55_tokens_per_s": round(old_tps, 2),
-            "cdlm_tokens_per_s": round(new_tps, 2),
-            "speedup": round(new_tps / old_tps, 3),
-            "cdlm_greedy_tokens_per_s": round(greedy_tps, 2),
-            "cdlm_over_greedy": round(new_tps / greedy_tps, 3),
-            "identical_tokens": identical,
-            "old_seconds": [round(s, 3) for s in old_seconds],
-            "cdlm_seconds": [round(s, 3) for s in new_seconds],
+            "identical_tokens": identical if sum(m in methods for m in ("cs", "cs_per_row", "tf455")) > 1 else None,
+            "load_average": _spread(loads),
+            "seconds": {m: [round(s, 3) for s in seconds[m]] for m in methods},
+            "tokens_per_s": {m: _spread([tokens / s for s in seconds[m]]) for m in methods if m != "prefill"},
+            "ratios": {},
         }
+        # Per-repeat ratios (methods of one repeat ran back to back, so they saw similar load).
+        pairs = [("cs", "greedy"), ("cs_per_row", "greedy"), ("tf455", "greedy"), ("cs", "tf455"), ("cs", "cs_per_row")]
+        for a, b in pairs:
+            if a in methods and b in methods:
+                ratio = _spread([sb / sa for sa, sb in zip(seconds[a], seconds[b])])
+                goal = GOAL if (a, b) == ("cs", "greedy") and batch_size == 8 and kind == "long" else None
+                ratio["verdict"] = _verdict(ratio, args.max_spread, goal)
+                row["ratios"][f"{a}/{b}"] = ratio
+                if "prefill" in methods and b == "greedy":
+                    decode = _spread([
+                        (sb - sp) / (sa - sp) for sa, sb, sp in zip(seconds[a], seconds[b], seconds["prefill"])
+                    ])
+                    decode["verdict"] = _verdict(decode, args.max_spread, None)
+                    row["ratios"][f"{a}/{b} decode only"] = decode
         results.append(row)
-        print(
-            f"k={top_k} batch={batch_size}: 4.55.4 {old_tps:.2f} tok/s, cdlm {new_tps:.2f} tok/s, "
-            f"speedup {new_tps / old_tps:.2f}x, identical tokens: {identical}; greedy {greedy_tps:.2f} tok/s",
-            flush=True,
-        )
-    old.close()
+        print(f"{top_k}x{batch_size}:{kind}: " + "; ".join(
+            f"{name} {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] {r['verdict']}" for name, r in row["ratios"].items()
+        ) + f"; identical tokens: {identical}", flush=True)
+    if old is not None:
+        old.close()
 
     record = {
-        "benchmark": "contrastive search, SmolLM2-135M-Instruct float32 CPU, min_new_tokens = max_new_tokens",
+        "benchmark": "contrastive search vs greedy (and transformers 4.55.4), SmolLM2-135M-Instruct float32 CPU, "
+        "min_new_tokens = max_new_tokens; ratios are tokens/s of the first over the second, per repeat",
         "command": "python benchmarks/bench_contrastive_search.py " + " ".join(sys.argv[1:]),
         "penalty_alpha": args.penalty_alpha,
         "threads": args.threads,
         "repeats": args.repeats,
+        "max_spread": args.max_spread,
+        "goal": f"cs/greedy >= {GOAL} at batch 8 with long prompts",
         "machine": describe_machine(),
-        "old": {"transformers": old.info.get("transformers"), "torch": old.info.get("torch")},
+        "old": {"transformers": old.info.get("transformers"), "torch": old.info.get("torch")} if old else None,
         "new": {"transformers": transformers.__version__, "torch": torch.__version__},
         "results": results,
     }
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and output.with_suffix(".json").exists():
+        earlier = json.loads(output.with_suffix(".json").read_text())
+        runs = earlier.get("runs") or [{k: v for k, v in earlier.items() if k not in ("results", "runs")}]
+        record["runs"] = runs + [{k: v for k, v in record.items() if k != "results"}]
+        record["results"] = earlier["results"] + results
+        results = record["results"]
     output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    commands = " and ".join(f"`{run['command']}` ({run['machine']})" for run in record.get("runs", [record]))
     lines = [
-        "# Contrastive search: cdlm vs transformers 4.55.4",
+        "# Contrastive search speed: cdlm vs greedy and transformers 4.55.4",
         "",
-        f"`{record['command']}` — SmolLM2-135M-Instruct, float32, CPU ({record['machine']}), "
-        f"{args.threads} torch thread(s), penalty_alpha={args.penalty_alpha}, {args.max_new_tokens} new tokens per row, "
-        f"median of {args.repeats} alternating runs per side.",
+        f"{commands} — SmolLM2-135M-Instruct, float32, {args.threads} torch "
+        f"thread(s), penalty_alpha={args.penalty_alpha}, {args.repeats} "
+        "rounds with the methods back to back in rotating order. Short prompts: 5-12 tokens; long: GSM8K 5-shot. "
+        "Ratios: tokens/s of the first method over the second, median [min..max] over rounds; 'decode only' "
+        "subtracts the round's prefill time (greedy with 1 new token) from both. A ratio whose (max-min)/median "
+        f"exceeds {args.max_spread} is inconclusive. cs = cdlm default (shared context), cs_per_row = B*k cache rows "
+        "(4.55.4's layout), tf455 = transformers 4.55.4 built-in.",
         "",
-        "| top_k | batch | 4.55.4 tok/s | cdlm tok/s | speedup | identical tokens | cdlm greedy tok/s | cdlm CS / greedy |",
-        "|---:|---:|---:|---:|---:|:---:|---:|---:|",
+        "| k x batch, new tokens | prompts (tokens) | load avg | tok/s (median [min..max]) | ratio | median [min..max] | verdict | identical |",
+        "|---|---|---|---|---|---|---|:---:|",
     ]
     for r in results:
-        lines.append(
-            f"| {r['top_k']} | {r['batch_size']} | {r['transformers_4_55_tokens_per_s']} | {r['cdlm_tokens_per_s']} | "
-            f"{r['speedup']}x | {'yes' if r['identical_tokens'] else 'NO'} | {r['cdlm_greedy_tokens_per_s']} | {r['cdlm_over_greedy']} |"
-        )
+        tps = "; ".join(f"{m} {v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" for m, v in r["tokens_per_s"].items())
+        first = True
+        for name, ratio in r["ratios"].items():
+            lead = (
+                f"| {r['top_k']}x{r['batch_size']}, {r['new_tokens_per_row']} new | {r['prompts']} ({r['prompt_tokens']['min']}-{r['prompt_tokens']['max']}) "
+                f"| {r['load_average']['median']:.1f} [{r['load_average']['min']:.1f}..{r['load_average']['max']:.1f}] | {tps} "
+                if first else "| | | | "
+            )
+            ident = ("yes" if r["identical_tokens"] else "NO" if r["identical_tokens"] is not None else "-") if first else ""
+            lines.append(f"{lead}| {name} | {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}] | {ratio['verdict']} | {ident} |")
+            first = False
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
 

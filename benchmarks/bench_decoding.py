@@ -1,17 +1,24 @@
 """Throughput of greedy vs contrastive decoding (separate / early-exit amateur) vs CID, in one run.
 
-    python benchmarks/bench_decoding.py                       # SmolLM2, 128 new tokens, batch 1 and 8
-    python benchmarks/bench_decoding.py --max-new-tokens 32 --batch-sizes 1   # quick look
+    python benchmarks/bench_decoding.py                       # SmolLM2, 128 new tokens, batch 1 and 8, 5 repeats
+    python benchmarks/bench_decoding.py --max-new-tokens 32 --batch-sizes 1 --repeats 3   # quick look
 
 Every method generates exactly ``--max-new-tokens`` tokens per row (EOS is held off with
 ``min_new_tokens``), so tokens/s compare like with like. Also timed: the amateur alone (the
 early-exit shell ``EarlyExitAmateur(model, N).model`` generating greedily), which gives the compute
 limit of CD with a separate amateur, ``t_expert / (t_expert + t_amateur)`` of greedy's speed.
 
+Robust to a shared, busy machine: the methods' repeats are interleaved (repeat r runs every method
+once, in an order rotated by r), each ratio is computed per repeat from runs seconds apart and
+reported as the median with its min-max spread over the repeats, and a goal is only called met
+(``min >= goal``) or missed (``max < goal``) when the whole spread is on one side of it; otherwise
+the verdict is "inconclusive". A method whose times spread by more than ``--max-spread`` of their
+median is flagged as noisy. The load average is recorded at the start and the end.
+
 Goals (issue 3): CD separate >= 0.9x that limit; early-exit CD >= 0.85x greedy; CID >= 0.45x greedy.
 Peak memory is the process's peak resident set during each method (Linux ``VmHWM``, reset per
-method through ``/proc/self/clear_refs``; falls back to the lifetime peak elsewhere).
-Results go to ``benchmarks/results/decoding.json`` and ``.md``; ratios are from this one run.
+run through ``/proc/self/clear_refs``; falls back to the lifetime peak elsewhere).
+Results go to ``benchmarks/results/decoding.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import json
 import os
 import platform
 import resource
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,9 +38,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import LogitsProcessorList
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe_machine  # noqa: E402
+
 from cdlm.decoding.contrastive_decoding import ContrastiveDecodingLogitsProcessor, EarlyExitContrastiveLogitsProcessor
 from cdlm.decoding.contrastive_input import ContrastiveInputLogitsProcessor
 from cdlm.models import EarlyExitAmateur, load_model
+from cdlm.models.prompts import render_prompts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAIRS = [
@@ -66,11 +79,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _render(tokenizer, texts):
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-        for t in texts
-    ]
+def _spread(values: list[float]) -> dict:
+    median = statistics.median(values)
+    return {
+        "median": round(median, 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+        "relative_spread": round((max(values) - min(values)) / median, 3) if median else None,
+    }
+
+
+def _verdict(spread: dict, goal: float) -> str:
+    if spread["min"] >= goal:
+        return "met"
+    if spread["max"] < goal:
+        return "missed"
+    return "inconclusive"
 
 
 def main() -> None:
@@ -79,9 +103,16 @@ def main() -> None:
     parser.add_argument("--exit-layer", type=int, default=8, help="early-exit amateur depth (default 8 of 30)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per method; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per method (>= 3 for a spread)")
+    parser.add_argument(
+        "--max-spread", type=float, default=0.2, help="flag a method whose (max-min)/median time exceeds this"
+    )
     parser.add_argument("--output", default=str(RESULTS / "decoding"))
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    machine_at_start = describe_machine()
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -90,20 +121,85 @@ def main() -> None:
     common = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
     def timed(run) -> tuple[float, float]:
-        best = float("inf")
         resettable = _peak_rss_reset()
-        for _ in range(args.repeats):
-            began = time.perf_counter()
-            with torch.inference_mode():
-                run()
-            best = min(best, time.perf_counter() - began)
-        return best, _peak_rss_mib() if resettable else float("nan")
+        began = time.perf_counter()
+        with torch.inference_mode():
+            run()
+        seconds = time.perf_counter() - began
+        return seconds, _peak_rss_mib() if resettable else float("nan")
 
-    rows = []
+    rows: list[dict] = []
+
+    def write_report() -> None:
+        """Written after every batch size, so an interrupted run keeps what it measured."""
+        load_at_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+        report = {
+            "command": "python benchmarks/bench_decoding.py "
+            + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items()
+                if k != "output"
+            ),
+            "model": args.model,
+            "exit_layer": args.exit_layer,
+            "max_new_tokens": n,
+            "repeats": args.repeats,
+            "device": str(model.device),
+            "dtype": str(model.dtype),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine_at_start": machine_at_start,
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": load_at_end,
+            "platform": platform.platform(),
+            "results": rows,
+        }
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+        def fmt(spread: dict) -> str:
+            return f"{spread['median']} [{spread['min']}, {spread['max']}]"
+
+        lines = [
+            f"# Decoding throughput ({args.model}, {n} new tokens, {model.device}, {torch.get_num_threads()} threads)",
+            "",
+            f"Command: `{report['command']}`",
+            "",
+            f"Machine: {machine_at_start}; load average (1, 5, 15 min) at start {load_at_start}, "
+            f"at end {load_at_end}.",
+            "",
+            f"{args.repeats} interleaved repeats per method; times and ratios are medians with [min, max] over the "
+            "repeats. Ratios are paired per repeat. A goal is met/missed only when the whole spread is on one side.",
+            "",
+            "| batch | method | tokens/s (median) | seconds median [min, max] | spread | peak RSS MiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if "method" in row:
+                flag = " (noisy)" if row["noisy"] else ""
+                lines.append(
+                    f"| {row['batch']} | {row['method']} | {row['tokens_per_s_median']} | "
+                    f"{fmt(row['seconds_spread'])} | {row['seconds_spread']['relative_spread']}{flag} | "
+                    f"{row['peak_rss_mib']} |"
+                )
+        lines += ["", "| batch | ratio | median [min, max] | goal | verdict |", "|---|---|---|---|---|"]
+        for row in rows:
+            if "ratios" in row:
+                for key, value in row["ratios"].items():
+                    goal = row["goals"].get(key)
+                    lines.append(
+                        f"| {row['batch']} | {key} | {fmt(value)} | {goal if goal else ''} | "
+                        f"{row['verdict'].get(key, '')} |"
+                    )
+        output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
+
     for batch_size in args.batch_sizes:
         chosen = (PAIRS * ((batch_size + len(PAIRS) - 1) // len(PAIRS)))[:batch_size]
-        batch = tokenizer(_render(tokenizer, [p for p, _ in chosen]), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        contrastive = tokenizer(_render(tokenizer, [c for _, c in chosen]), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        encode = dict(return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(render_prompts(tokenizer, [p for p, _ in chosen]), **encode).to(model.device)
+        contrastive = tokenizer(render_prompts(tokenizer, [c for _, c in chosen]), **encode).to(model.device)
         mask = batch["attention_mask"]
 
         def cd_separate():
@@ -127,56 +223,62 @@ def main() -> None:
         }
         with torch.inference_mode():  # warm-up: first-call allocations and lazy initialisation
             model.generate(**batch, max_new_tokens=4, do_sample=False)
-        measured = {}
-        for name, run in runs.items():
-            seconds, peak = timed(run)
-            measured[name] = seconds
-            rows.append({"batch": batch_size, "method": name, "seconds": round(seconds, 3),
-                         "tokens_per_s": round(batch_size * n / seconds, 2), "peak_rss_mib": round(peak, 1)})
-            print(f"batch {batch_size} {name:22} {batch_size * n / seconds:8.2f} tokens/s  {seconds:7.2f} s  peak RSS {peak:7.1f} MiB", flush=True)
-        t_e, t_a = measured["greedy"], measured["amateur alone"]
-        limit = t_e / (t_e + t_a)
-        ratios = {
-            "compute_limit_t_e_over_t_e_plus_t_a": round(limit, 3),
-            "cd_separate_vs_greedy": round(t_e / measured["cd (separate amateur)"], 3),
-            "cd_separate_vs_compute_limit": round((t_e / measured["cd (separate amateur)"]) / limit, 3),
-            "cd_early_exit_vs_greedy": round(t_e / measured["cd (early exit)"], 3),
-            "cid_vs_greedy": round(t_e / measured["cid"], 3),
+        names = list(runs)
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        peaks: dict[str, float] = {name: float("nan") for name in names}
+        for repeat in range(args.repeats):
+            order = names[repeat % len(names) :] + names[: repeat % len(names)]
+            for name in order:
+                elapsed, peak = timed(runs[name])
+                seconds[name].append(elapsed)
+                peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
+                print(
+                    f"batch {batch_size} repeat {repeat} {name:22} {batch_size * n / elapsed:8.2f} tokens/s "
+                    f"{elapsed:7.2f} s  load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+        for name in names:
+            time_spread = _spread(seconds[name])
+            rows.append(
+                {
+                    "batch": batch_size,
+                    "method": name,
+                    "seconds": [round(t, 3) for t in seconds[name]],
+                    "seconds_spread": time_spread,
+                    "tokens_per_s_median": round(batch_size * n / time_spread["median"], 2),
+                    "noisy": bool(time_spread["relative_spread"] and time_spread["relative_spread"] > args.max_spread),
+                    "peak_rss_mib": round(peaks[name], 1),
+                }
+            )
+        # Paired per-repeat ratios: both runs of a pair come from the same repeat, seconds apart.
+        per_repeat = {
+            "compute_limit_t_e_over_t_e_plus_t_a": [
+                e / (e + a) for e, a in zip(seconds["greedy"], seconds["amateur alone"])
+            ],
+            "cd_separate_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cd (separate amateur)"])],
+            "cd_separate_vs_compute_limit": [
+                (e + a) / c
+                for e, a, c in zip(seconds["greedy"], seconds["amateur alone"], seconds["cd (separate amateur)"])
+            ],
+            "cd_early_exit_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cd (early exit)"])],
+            "cid_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cid"])],
         }
+        ratios = {key: _spread(values) for key, values in per_repeat.items()}
         goals = {"cd_separate_vs_compute_limit": 0.9, "cd_early_exit_vs_greedy": 0.85, "cid_vs_greedy": 0.45}
-        rows.append({"batch": batch_size, "ratios": ratios, "goals": goals,
-                     "met": {k: ratios[k] >= v for k, v in goals.items()}})
-        print(f"batch {batch_size} ratios: {json.dumps(ratios)}", flush=True)
-
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    report = {
-        "command": "python benchmarks/bench_decoding.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "output"),
-        "model": args.model, "exit_layer": args.exit_layer, "max_new_tokens": n,
-        "device": str(model.device), "dtype": str(model.dtype), "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "load_average_at_end": load, "platform": platform.platform(),
-        "results": rows,
-    }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Decoding throughput ({args.model}, {n} new tokens, {model.device}, {torch.get_num_threads()} threads)", "",
-             f"Command: `{report['command']}`; load average at the end: {load}", "",
-             "| batch | method | tokens/s | seconds | peak RSS MiB |", "|---|---|---|---|---|"]
-    for row in rows:
-        if "method" in row:
-            lines.append(f"| {row['batch']} | {row['method']} | {row['tokens_per_s']} | {row['seconds']} | {row['peak_rss_mib']} |")
-    lines += ["", "| batch | ratio | value | goal | met |", "|---|---|---|---|---|"]
-    for row in rows:
-        if "ratios" in row:
-            for key, value in row["ratios"].items():
-                goal = row["goals"].get(key)
-                lines.append(f"| {row['batch']} | {key} | {value} | {goal if goal else ''} | {row['met'].get(key, '')} |")
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
+        rows.append(
+            {
+                "batch": batch_size,
+                "ratios": ratios,
+                "goals": goals,
+                "verdict": {k: _verdict(ratios[k], v) for k, v in goals.items()},
+            }
+        )
+        print(
+            f"batch {batch_size} ratios (median [min, max]): "
+            + ", ".join(f"{k} {v['median']} [{v['min']}, {v['max']}]" for k, v in ratios.items()),
+            flush=True,
+        )
+        write_report()
 
 
 if __name__ == "__main__":

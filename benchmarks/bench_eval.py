@@ -22,6 +22,8 @@ from pathlib import Path
 
 from _machine import describe_machine
 
+from cdlm.eval_harness.task import task_names
+
 MACHINE = describe_machine()  # taken at start, before this run loads the cores
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,14 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--task", default="gsm8k", choices=["gsm8k", "gsm8k_cot", "hellaswag"])
+    parser.add_argument("--task", default="gsm8k", choices=task_names())
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--methods", default="greedy,cd,cs,cid")
     parser.add_argument("--amateur", default="early-exit:7")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_eval"))
-    parser.add_argument("--output", default=None, help="results path without suffix (default: benchmarks/results/eval_<task>)")
+    parser.add_argument(
+        "--output", default=None, help="results path without suffix (default: benchmarks/results/eval_<task>)"
+    )
     args = parser.parse_args()
     output = args.output or str(ROOT / "benchmarks" / "results" / f"eval_{args.task}")
 
@@ -49,7 +53,9 @@ def main() -> int:
     from cdlm.models import load_amateur, load_model
 
     loaded = load_model(args.model, dtype="float32", device="cpu")
-    config = EvalConfig(task=args.task, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    config = EvalConfig(
+        task=args.task, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+    )
     command = " ".join(["python", *sys.argv])
     results = []
     amateur = None

@@ -1,21 +1,29 @@
-"""vLLM backend vs transformers: token agreement and tokens/s for greedy, CD and CID, in one run.
+"""vLLM backend vs transformers: token agreement, and tokens/s at batch 1 / 16 / 64, interleaved.
 
 Needs the vLLM venv (scripts/setup_vllm.sh):
 
-    HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/bench_vllm.py            # writes benchmarks/results/vllm.{json,md}
+    HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/bench_vllm.py      # writes benchmarks/results/vllm.{json,md}
 
-What it measures on SmolLM2-135M-Instruct (float32, CPU), with the engine serving cdlm's cached
-safetensors folder and transformers loading the very same folder:
+On SmolLM2-135M-Instruct (float32, CPU), one in-process engine serving cdlm's cached safetensors
+folder with early exit captured at ``--exit-layer`` (``cdlm.decoding.vllm.early_exit``), and
+transformers loading the very same folder:
 
-1. Agreement: greedy, CD (early-exit amateur) and CID on ``--prompts`` chat prompts, both backends,
-   batch ``--batch``: generated token ids equal? first divergence? Plus the numerics bound: the
-   largest |log p| difference between vLLM's and transformers' expert log-probs (top-20 of the
-   first step of each prompt).
-2. Throughput: tokens/s of vLLM greedy, vLLM CD, transformers CD (and transformers greedy, vLLM
-   CID, transformers CID) at batch 1 and at batch ``--batch``.
+1. Agreement (batch ``--agreement-prompts``): greedy, CD with the engine-captured early exit, CD
+   with the separate batched amateur (the same early-exit model, run by transformers beside vLLM),
+   and CID; token ids equal to cdlm's transformers processors? first divergence?
+2. Throughput, ``--repeats`` rounds; each round runs every (batch, configuration) once, in an order
+   rotated every round, so a burst of load from other jobs hits all configurations alike. Reported:
+   median tokens/s, spread ((max - min) / median) and the load average seen by each run.
+   Configurations: vLLM greedy, vLLM CD (engine early exit), vLLM CD (separate batched amateur),
+   vLLM CID, transformers CD.
+3. The compute limit of vLLM CD: ``greedy tokens / (greedy seconds + steps x t_amateur)``, i.e. vLLM
+   greedy throughput x t_expert / (t_expert + t_amateur), with ``t_amateur`` one batched amateur
+   step at that batch size, measured here on the same prompts (``BatchedAmateur``, decode steps of
+   ``batch`` rows after their prefill). Goals (issue 17): CD >= 0.9x its limit and >= 2x
+   transformers CD at batch 16 and 64; CID >= 0.45x vLLM greedy.
 
 Both backends run with the same number of torch threads (vLLM sets 1 for in-process serving unless
-OMP_NUM_THREADS is set). Times are wall-clock on whatever machine runs it; say what else was running.
+OMP_NUM_THREADS is set). A spread above 25% is flagged: on a shared machine such ratios say little.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -49,6 +58,9 @@ QUESTIONS = [
     ("Write one sentence about the history of the printing press.", "Write one sentence."),
     ("How many legs does a spider have?", "How many legs?"),
 ]
+SPREAD_TOO_WIDE = 0.25
+SEPARATE = "early-exit-separate"  # the registered name of the separately run early-exit amateur
+AMATEUR_STEP = "amateur step"  # the job that times one batched amateur step
 
 
 def _render(tokenizer, texts):
@@ -65,35 +77,47 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def expert_logprob_gap(engine, model, tokenizer, prompts: list[str]) -> float:
-    """max |log p_vLLM - log p_transformers| over the top-20 tokens of each prompt's first step."""
+def amateur_step_seconds(amateur_model, tokenizer, prompts: list[str], steps: int = 8) -> float:
+    """Median seconds of one batched decode step of ``BatchedAmateur`` over ``len(prompts)`` rows."""
     import torch
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outputs = engine.llm.generate(
-        [TokensPrompt(prompt_token_ids=i) for i in ids], SamplingParams(temperature=0.0, max_tokens=1, logprobs=20), use_tqdm=False
-    )
-    gap = 0.0
-    for prompt_ids, output in zip(ids, outputs):
-        with torch.inference_mode():
-            reference = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
-        for token, logprob in output.outputs[0].logprobs[0].items():
-            gap = max(gap, abs(logprob.logprob - reference[token].item()))
-    return gap
+    from cdlm.decoding.vllm.params import ContrastParams
+    from cdlm.decoding.vllm.state import BatchedAmateur, RequestState
+
+    amateur = BatchedAmateur(amateur_model)
+    params = ContrastParams(method="cd", amateur="x")
+    states = [RequestState(params, tokenizer(p, add_special_tokens=False)["input_ids"], []) for p in prompts]
+    amateur.logits(states)  # prefill
+    times = []
+    for step in range(steps):
+        for state in states:
+            state.output_ids.append(1000 + step)
+        began = time.perf_counter()
+        amateur.logits(states)
+        times.append(time.perf_counter() - began)
+    for state in states:
+        amateur.leave(state)
+    del torch
+    return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts for agreement and the batched run (<= 16)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--batch1-prompts", type=int, default=2, help="prompts for the batch-1 timing")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--batch1-prompts", type=int, default=2, help="prompts timed at batch 1")
+    parser.add_argument("--agreement-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--amateur", default="early-exit:8")
+    parser.add_argument("--exit-layer", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vllm"))
+    parser.add_argument(
+        "--from-log", default=None, help="rebuild the results from the printed rows of an interrupted run"
+    )
     args = parser.parse_args()
+    if args.from_log:
+        return rebuild_from_log(args)
 
     import torch
     import vllm
@@ -101,26 +125,38 @@ def main() -> None:
     from cdlm.decoding.methods import get_method
     from cdlm.decoding.runner import generate as hf_generate
     from cdlm.decoding.vllm import generate as vllm_generate
-    from cdlm.decoding.vllm import load_vllm
+    from cdlm.decoding.vllm import load_vllm, register_amateur
     from cdlm.models import load_amateur, load_model
 
     began = time.perf_counter()
-    engine = load_vllm(args.model, max_model_len=1024, max_num_seqs=max(args.batch, 1))
+    engine = load_vllm(
+        args.model, max_model_len=1024, max_num_seqs=max(args.batches), early_exit_layers=[args.exit_layer]
+    )
     loaded = load_model(engine.source, dtype="float32", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
-    amateur = load_amateur(args.amateur, loaded)
+    spec = f"early-exit:{args.exit_layer}"
+    amateur = load_amateur(spec, loaded)
+    register_amateur(SEPARATE, amateur.model)  # not parsed as early-exit:N, so run beside vLLM (batched)
     threads = torch.get_num_threads()
     print(f"loaded in {time.perf_counter() - began:.1f}s; torch threads {threads}", flush=True)
 
-    pairs = QUESTIONS[: args.prompts]
-    prompts = _render(tokenizer, [q for q, _ in pairs])
-    contrastive = _render(tokenizer, [c for _, c in pairs])
-    methods = {
-        "greedy": get_method("greedy")(model, tokenizer),
-        "cd": get_method("cd")(model, tokenizer, amateur=amateur),
-        "cid": get_method("cid")(model, tokenizer),
-    }
+    questions = [q for q, _ in QUESTIONS]
+    contrastive_questions = [c for _, c in QUESTIONS]
+    all_prompts = _render(tokenizer, questions)
+    all_contrastive = _render(tokenizer, contrastive_questions)
+    cd = get_method("cd")(model, tokenizer, amateur=amateur)
+    cid = get_method("cid")(model, tokenizer)
+    greedy = get_method("greedy")(model, tokenizer)
     common = dict(max_new_tokens=args.max_new_tokens, add_special_tokens=False)
+    configurations = {
+        "vllm greedy": lambda p, c, b: vllm_generate(engine, p, greedy, batch_size=b, **common),
+        "vllm cd (engine early exit)": lambda p, c, b: vllm_generate(engine, p, cd, batch_size=b, **common),
+        "vllm cd (separate amateur)": lambda p, c, b: vllm_generate(
+            engine, p, "cd", amateur=SEPARATE, hyperparameters=cd.hyperparameters, batch_size=b, **common
+        ),
+        "vllm cid": lambda p, c, b: vllm_generate(engine, p, cid, batch_size=b, contrastive_prompts=c, **common),
+        "transformers cd": lambda p, c, b: hf_generate(model, tokenizer, p, cd, batch_size=b, **common),
+    }
     record: dict = {
         "model": args.model,
         "served_folder": engine.source,
@@ -128,82 +164,197 @@ def main() -> None:
         "torch": torch.__version__,
         "torch_threads": threads,
         "machine": describe_machine(),
-        "amateur": args.amateur,
+        "amateur": spec,
         "max_new_tokens": args.max_new_tokens,
-        "hyperparameters": {name: m.hyperparameters for name, m in methods.items()},
+        "repeats": args.repeats,
+        "hyperparameters": {"cd": cd.hyperparameters, "cid": cid.hyperparameters},
         "agreement": {},
-        "throughput": [],
+        "runs": [],
+        "amateur_step_seconds": {},
+        "amateur_step_runs": [],
+        "summary": {},
     }
 
-    record["expert_logprob_max_abs_gap"] = gap = expert_logprob_gap(engine, model, tokenizer, prompts)
-    print(f"expert log-prob gap vLLM vs transformers (top-20, first step): {gap:.2e}", flush=True)
+    def prompts_for(batch: int):
+        count = args.batch1_prompts if batch == 1 else batch
+        repeat = -(-count // len(all_prompts))
+        return (all_prompts * repeat)[:count], (all_contrastive * repeat)[:count]
 
-    def timed(backend: str, name: str, chosen: list[str], chosen_contrastive: list[str], batch: int):
-        method = methods[name]
-        kwargs = dict(batch_size=batch, contrastive_prompts=chosen_contrastive if name == "cid" else None, **common)
-        if backend == "vllm":
-            results, stats = vllm_generate(engine, chosen, method, **kwargs)
-        else:
-            results, stats = hf_generate(model, tokenizer, chosen, method, **kwargs)
-        row = {"backend": backend, "method": name, "batch": batch, "prompts": len(chosen),
-               "new_tokens": stats.new_tokens, "seconds": round(stats.seconds, 2),
-               "tokens_per_s": round(stats.tokens_per_second, 2)}
-        record["throughput"].append(row)
-        print(json.dumps(row), flush=True)
-        return results
+    print("RECORD " + json.dumps({k: v for k, v in record.items() if k not in ("runs", "agreement")}), flush=True)
 
-    # 1 + 2a: agreement and the batched throughput, from the same runs.
-    for name in ("greedy", "cd", "cid"):
-        hf = timed("transformers", name, prompts, contrastive, args.batch)
-        vl = timed("vllm", name, prompts, contrastive, args.batch)
-        divergences = [_first_divergence(a.token_ids, b.token_ids) for a, b in zip(hf, vl)]
-        record["agreement"][name] = {
-            "prompts": len(prompts),
-            "identical": sum(d is None for d in divergences),
-            "first_divergence": divergences,
-            "transformers_text": [r.text for r in hf],
-            "vllm_text": [r.text for r in vl],
+    # 1. Agreement.
+    if not args.skip_agreement:
+        prompts, contrastive = all_prompts[: args.agreement_prompts], all_contrastive[: args.agreement_prompts]
+        batch = len(prompts)
+        references = {
+            "greedy": hf_generate(model, tokenizer, prompts, greedy, batch_size=batch, **common)[0],
+            "cd": hf_generate(model, tokenizer, prompts, cd, batch_size=batch, **common)[0],
+            "cid": hf_generate(
+                model, tokenizer, prompts, cid, batch_size=batch, contrastive_prompts=contrastive, **common
+            )[0],
         }
-        print(f"{name}: {record['agreement'][name]['identical']}/{len(prompts)} identical", flush=True)
+        for name, reference in (
+            ("vllm greedy", "greedy"),
+            ("vllm cd (engine early exit)", "cd"),
+            ("vllm cd (separate amateur)", "cd"),
+            ("vllm cid", "cid"),
+        ):
+            got = configurations[name](prompts, contrastive, batch)[0]
+            divergences = [_first_divergence(a.token_ids, b.token_ids) for a, b in zip(references[reference], got)]
+            record["agreement"][name] = {
+                "prompts": len(prompts),
+                "identical": sum(d is None for d in divergences),
+                "first_divergence": divergences,
+            }
+            print(f"agreement {name}: {record['agreement'][name]['identical']}/{len(prompts)}", flush=True)
+        print("RECORD " + json.dumps({"agreement": record["agreement"]}), flush=True)
 
-    # 2b: batch 1.
-    few, few_contrastive = prompts[: args.batch1_prompts], contrastive[: args.batch1_prompts]
-    for backend, name in (("vllm", "greedy"), ("vllm", "cd"), ("transformers", "cd"), ("transformers", "greedy")):
-        timed(backend, name, few, few_contrastive, 1)
+    # 2. Interleaved rounds: every configuration and the batched amateur's step time (for the compute
+    # limit) once per batch size and round.
+    jobs = [(batch, name) for batch in args.batches for name in [*configurations, AMATEUR_STEP]]
+    for round_index in range(args.repeats):
+        shift = round_index * 3 % len(jobs)
+        for batch, name in jobs[shift:] + jobs[:shift]:
+            prompts, contrastive = prompts_for(batch)
+            load = os.getloadavg()[0]
+            if name == AMATEUR_STEP:
+                seconds = amateur_step_seconds(amateur.model, tokenizer, prompts)
+                record["amateur_step_runs"].append({"batch": batch, "seconds": seconds, "load": round(load, 2)})
+                print(
+                    json.dumps({"amateur_step": batch, "seconds": round(seconds, 5), "load": round(load, 2)}),
+                    flush=True,
+                )
+                continue
+            results, stats = configurations[name](prompts, contrastive, batch)
+            steps = sum(max(len(r.token_ids) for r in results[i : i + batch]) for i in range(0, len(results), batch))
+            row = {
+                "round": round_index,
+                "batch": batch,
+                "configuration": name,
+                "prompts": len(prompts),
+                "new_tokens": stats.new_tokens,
+                "steps": steps,
+                "seconds": round(stats.seconds, 3),
+                "tokens_per_s": round(stats.tokens_per_second, 2),
+                "load": round(load, 2),
+            }
+            record["runs"].append(row)
+            print(json.dumps(row), flush=True)
 
-    def rate(backend, name, batch):
-        for row in record["throughput"]:
-            if (row["backend"], row["method"], row["batch"]) == (backend, name, batch):
-                return row["tokens_per_s"]
-        return float("nan")
-
-    record["ratios"] = {
-        f"batch{b}": {
-            "vllm_cd_over_vllm_greedy": round(rate("vllm", "cd", b) / rate("vllm", "greedy", b), 3),
-            "vllm_cd_over_transformers_cd": round(rate("vllm", "cd", b) / rate("transformers", "cd", b), 3),
-        }
-        for b in (1, args.batch)
-    }
+    # 3. Medians, spreads, ratios, goals.
+    summarize(record, args.batches, list(configurations))
     record["total_seconds"] = round(time.perf_counter() - began, 1)
+    record["load_at_end"] = round(os.getloadavg()[0], 2)
+    write(record, args)
+
+
+def summarize(record: dict, batches: list[int], names: list[str]) -> None:
+    """Medians, spreads, the CD compute limit and the goal ratios per batch size, into ``record["summary"]``."""
+
+    def runs(batch, name):
+        return [r for r in record["runs"] if r["batch"] == batch and r["configuration"] == name]
+
+    for batch in batches:
+        steps = [r["seconds"] for r in record["amateur_step_runs"] if r["batch"] == batch]
+        if steps:
+            record["amateur_step_seconds"][str(batch)] = statistics.median(steps)
+        summary: dict = {}
+        for name in names:
+            rates = [r["tokens_per_s"] for r in runs(batch, name)]
+            if not rates:
+                continue
+            median = statistics.median(rates)
+            summary[name] = {
+                "median_tokens_per_s": round(median, 2),
+                "spread": round((max(rates) - min(rates)) / median, 3),
+                "loads": [r["load"] for r in runs(batch, name)],
+            }
+        if len(summary) < len(names):
+            continue  # an interrupted run: this batch size is incomplete
+        t_amateur = record["amateur_step_seconds"][str(batch)]
+        limits = [r["new_tokens"] / (r["seconds"] + r["steps"] * t_amateur) for r in runs(batch, "vllm greedy")]
+        limit = statistics.median(limits)
+
+        def ratio(a: str, b: str) -> float:
+            return round(summary[a]["median_tokens_per_s"] / summary[b]["median_tokens_per_s"], 3)
+
+        summary["ratios"] = {
+            "cd_separate_over_its_compute_limit": round(
+                summary["vllm cd (separate amateur)"]["median_tokens_per_s"] / limit, 3
+            ),
+            "cd_engine_over_vllm_greedy": ratio("vllm cd (engine early exit)", "vllm greedy"),
+            "cd_separate_over_transformers_cd": ratio("vllm cd (separate amateur)", "transformers cd"),
+            "cd_engine_over_transformers_cd": ratio("vllm cd (engine early exit)", "transformers cd"),
+            "cid_over_vllm_greedy": ratio("vllm cid", "vllm greedy"),
+        }
+        summary["compute_limit_tokens_per_s"] = round(limit, 2)
+        summary["too_wide"] = sorted(n for n in names if summary[n]["spread"] > SPREAD_TOO_WIDE)
+        record["summary"][str(batch)] = summary
+
+
+def rebuild_from_log(args) -> None:
+    """Results from the JSON rows a (possibly interrupted) run printed: its completed rounds only."""
+    record: dict = {"runs": [], "amateur_step_runs": [], "amateur_step_seconds": {}, "summary": {}, "agreement": {}}
+    for line in Path(args.from_log).read_text().splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            if "configuration" in row:
+                record["runs"].append(row)
+            elif "amateur_step" in row:
+                record["amateur_step_runs"].append({"batch": row["amateur_step"], "seconds": row["seconds"]})
+        elif line.startswith("RECORD "):
+            record.update(json.loads(line[len("RECORD ") :]))
+    names = list(dict.fromkeys(r["configuration"] for r in record["runs"]))
+    summarize(record, args.batches, names)
+    record["load_at_end"] = round(os.getloadavg()[0], 2)
+    write(record, args)
+
+
+def write(record: dict, args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    command = "HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/bench_vllm.py"
     lines = [
-        f"# vLLM backend vs transformers ({args.model}, float32 CPU, vLLM {vllm.__version__})",
+        f"# vLLM backend vs transformers ({record['model']}, float32 CPU, vLLM {record['vllm']})",
         "",
-        f"Machine: {record['machine']}; torch threads {threads}. Command: `HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/bench_vllm.py`",
+        f"Machine: {record['machine']}; load average {record['load_at_end']} at the end. Command: `{command}` "
+        f"({record['repeats']} interleaved rounds, {record['max_new_tokens']} new tokens, "
+        f"amateur {record['amateur']}).",
         "",
-        f"Expert numerics: max |log p(vLLM) - log p(transformers)| on the top-20 tokens of the first step: {gap:.2e}",
-        "",
-        "| method | prompts | identical generations | first divergence (token index per prompt, - = identical) |",
-        "|---|---|---|---|",
     ]
-    for name, a in record["agreement"].items():
-        lines.append(f"| {name} | {a['prompts']} | {a['identical']} | {' '.join('-' if d is None else str(d) for d in a['first_divergence'])} |")
-    lines += ["", "| backend | method | batch | prompts | new tokens | seconds | tokens/s |", "|---|---|---|---|---|---|---|"]
-    for row in record["throughput"]:
-        lines.append(f"| {row['backend']} | {row['method']} | {row['batch']} | {row['prompts']} | {row['new_tokens']} | {row['seconds']} | {row['tokens_per_s']} |")
-    lines += ["", "Ratios (same run): " + json.dumps(record["ratios"])]
+    if record["agreement"]:
+        lines += [
+            "| configuration | prompts | identical to transformers | first divergence (- = identical) |",
+            "|---|---|---|---|",
+        ]
+        for name, a in record["agreement"].items():
+            divergence = " ".join("-" if d is None else str(d) for d in a["first_divergence"])
+            lines.append(f"| {name} | {a['prompts']} | {a['identical']} | {divergence} |")
+        lines.append("")
+    lines += ["| batch | configuration | median tokens/s | spread | load averages |", "|---|---|---|---|---|"]
+    for batch, summary in record["summary"].items():
+        for name, row in summary.items():
+            if isinstance(row, dict) and "median_tokens_per_s" in row:
+                wide = " (too wide)" if name in summary["too_wide"] else ""
+                lines.append(
+                    f"| {batch} | {name} | {row['median_tokens_per_s']} | {row['spread']:.0%}{wide} | "
+                    f"{', '.join(str(x) for x in row['loads'])} |"
+                )
+    lines += [
+        "",
+        "| batch | t_amateur (s/step) | CD compute limit (tok/s) | CD sep / limit | CD sep / tf CD | "
+        "CD engine / tf CD | CD engine / greedy | CID / greedy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch, summary in record["summary"].items():
+        r = summary["ratios"]
+        lines.append(
+            f"| {batch} | {record['amateur_step_seconds'][batch]:.4f} | {summary['compute_limit_tokens_per_s']} | "
+            f"{r['cd_separate_over_its_compute_limit']} | {r['cd_separate_over_transformers_cd']} | "
+            f"{r['cd_engine_over_transformers_cd']} | {r['cd_engine_over_vllm_greedy']} | "
+            f"{r['cid_over_vllm_greedy']} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from transformers import LlamaForCausalLM
 
-from cdlm.alignment.distill_data import (
+from cdlm.alignment.distill.pairs import (
     PairGenerationSettings,
     SamplingSettings,
     eos_token_ids,
@@ -41,7 +41,9 @@ from cdlm.alignment.distill_data import (
     mean_logprobs,
     read_prompts,
 )
-from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
+from cdlm.alignment.distill.config import DistiLLM2Config
+from cdlm.alignment.distill.metrics import distillation_metrics
+from cdlm.alignment.distill.trainer import DistiLLM2Trainer
 from cdlm.models import load_amateur, load_model
 
 from _machine import describe_machine

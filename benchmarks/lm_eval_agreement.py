@@ -4,7 +4,8 @@
 
 What it does (rerunnable; lm-eval lives in its own venv so cdlm's stays untouched):
 
-1. Sets up ``.venv-lmeval`` if missing: ``pip install torch==2.13.0 transformers==5.19.0 lm-eval[hf]==0.4.13``.
+1. Sets up ``.venv-lmeval`` if missing: ``pip install torch==2.13.0 transformers==5.19.0 lm-eval[hf]==0.4.13``,
+   plus cdlm itself (``pip install --no-deps -e .``) for ``cdlm-lm-eval --model cdlm`` (``cdlm.eval_harness.lm_eval_model``).
 2. Writes the documents to local jsonl files and lm-eval task YAMLs (``benchmarks/lm_eval_tasks``,
    ``dataset_path: json``): HellaSwag from the packaged ``validation_olmo1000`` file (the exact lm-eval
    rendering of 1,000 validation docs) and GSM8K test/train.
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MACHINE = describe_machine()  # taken at start, before this run loads the cores
 TASKS_DIR = ROOT / "benchmarks" / "lm_eval_tasks"
 
-DRIVER = r'''
+DRIVER = r"""
 import json, sys, time
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
@@ -60,11 +61,12 @@ for task, limit in spec["tasks"].items():
     seconds = time.perf_counter() - began
     samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
     out[task] = {"seconds": seconds, "results": result["results"][task], "samples": [
-        {"doc_id": s["doc_id"], "arguments": s["arguments"], "resps": s["resps"], "filtered_resps": s["filtered_resps"],
+        {"doc_id": s["doc_id"], "arguments": s["arguments"], "resps": s["resps"],
+         "filtered_resps": s["filtered_resps"],
          **{k: s[k] for k in s if k.startswith("exact_match") or k in ("acc", "acc_norm")}} for s in samples]}
     print(f"lm-eval {task}: {len(samples)} docs in {seconds:.1f}s", file=sys.stderr, flush=True)
 json.dump(out, open(spec["output"], "w"), default=str)
-'''
+"""
 
 
 def _args_strings(argument) -> tuple:
@@ -79,7 +81,23 @@ def ensure_venv(venv: Path) -> Path:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.19.0", "lm-eval[hf]==0.4.13"], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "torch==2.13.0",
+                "transformers==5.19.0",
+                "lm-eval[hf]==0.4.13",
+            ],
+            check=True,
+        )
+    if subprocess.run([str(python), "-c", "import cdlm"], capture_output=True, cwd="/").returncode != 0:
+        # cdlm itself (no dependencies: the venv's torch/transformers are the ones under test), so that
+        # `cdlm-lm-eval --model cdlm ...` and tests/test_eval_lm_eval_model.py run there.
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
     return python
 
 
@@ -108,7 +126,11 @@ def write_inputs(workdir: Path, hellaswag_docs: int, gsm8k_docs: int) -> Path:
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     include = workdir / "tasks"
     include.mkdir(exist_ok=True)
-    replacements = {"__DATA__": str(data / "hellaswag.jsonl"), "__TRAIN__": str(data / "gsm8k_train.jsonl"), "__TEST__": str(data / "gsm8k_test.jsonl")}
+    replacements = {
+        "__DATA__": str(data / "hellaswag.jsonl"),
+        "__TRAIN__": str(data / "gsm8k_train.jsonl"),
+        "__TEST__": str(data / "gsm8k_test.jsonl"),
+    }
     for template in TASKS_DIR.glob("*.yaml"):
         text = template.read_text(encoding="utf-8")
         for key, value in replacements.items():
@@ -121,7 +143,13 @@ def run_lm_eval(python: Path, folder: Path, include: Path, workdir: Path, tasks:
     output = workdir / "lm_eval_out.json"
     driver = workdir / "driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
-    spec = {"model": str(folder), "batch_size": batch_size, "include": str(include), "tasks": tasks, "output": str(output)}
+    spec = {
+        "model": str(folder),
+        "batch_size": batch_size,
+        "include": str(include),
+        "tasks": tasks,
+        "output": str(output),
+    }
     subprocess.run([str(python), str(driver), json.dumps(spec)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return json.loads(output.read_text())
 
@@ -165,10 +193,18 @@ def compare_hellaswag(loaded, lm_eval_out: dict, docs: list[dict], batch_size: i
         "same_prediction_acc": same_pred / n,
         "same_prediction_acc_norm": same_norm / n,
         "context_or_choice_string_mismatches": string_mismatch,
-        "lm_eval": {"acc": lm_eval_out["results"].get("acc,none"), "acc_norm": lm_eval_out["results"].get("acc_norm,none"),
-                    "seconds": lm_eval_out["seconds"], "examples_per_second": n / lm_eval_out["seconds"]},
-        "cdlm": {"acc": sum(a for a, _ in ours_acc) / n, "acc_norm": sum(b for _, b in ours_acc) / n,
-                 "seconds": seconds, "examples_per_second": n / seconds},
+        "lm_eval": {
+            "acc": lm_eval_out["results"].get("acc,none"),
+            "acc_norm": lm_eval_out["results"].get("acc_norm,none"),
+            "seconds": lm_eval_out["seconds"],
+            "examples_per_second": n / lm_eval_out["seconds"],
+        },
+        "cdlm": {
+            "acc": sum(a for a, _ in ours_acc) / n,
+            "acc_norm": sum(b for _, b in ours_acc) / n,
+            "seconds": seconds,
+            "examples_per_second": n / seconds,
+        },
         "speedup_examples_per_second": (n / seconds) / (n / lm_eval_out["seconds"]),
         "_ours": [[s.loglikelihood for s in scores] for scores in ours],
         "_requests": requests,
@@ -178,8 +214,8 @@ def compare_hellaswag(loaded, lm_eval_out: dict, docs: list[dict], batch_size: i
 def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
     from cdlm.decoding.methods import get_method
     from cdlm.decoding.runner import generate
-    from cdlm.eval_harness import gsm8k as task
     from cdlm.eval_harness.data import packaged_path, read_jsonl
+    from cdlm.eval_harness.tasks import gsm8k as task
 
     samples = _gsm8k_samples(lm_eval_out)
     rows = read_jsonl(packaged_path("gsm8k/test"))[: len(samples)]
@@ -187,8 +223,15 @@ def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
     same_prompt = sum(_args_strings(s["arguments"][0])[0] == p for s, p in zip(samples, prompts))
     stop = list(task.GSM8K.until) + [loaded.tokenizer.eos_token]
     began = time.perf_counter()
-    generations, stats = generate(loaded.model, loaded.tokenizer, prompts, get_method("greedy")(loaded.model, loaded.tokenizer),
-                                  max_new_tokens=256, batch_size=batch_size, stop=stop)
+    generations, stats = generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        get_method("greedy")(loaded.model, loaded.tokenizer),
+        max_new_tokens=256,
+        batch_size=batch_size,
+        stop=stop,
+    )
     seconds = time.perf_counter() - began
     same_text = same_strict = 0
     details = []
@@ -196,7 +239,9 @@ def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
         theirs = sample["resps"][0][0]
         ours = task.score(task.GSM8K, generation.text, row)
         same_text += theirs == generation.text
-        same_strict += ours["exact_match,strict-match"] == sample.get("exact_match,strict-match", sample.get("exact_match"))
+        same_strict += ours["exact_match,strict-match"] == sample.get(
+            "exact_match,strict-match", sample.get("exact_match")
+        )
         if theirs != generation.text:
             details.append({"doc_id": sample["doc_id"], "lm_eval": theirs, "cdlm": generation.text})
     n = len(samples)
@@ -206,10 +251,14 @@ def compare_gsm8k(loaded, lm_eval_out: dict, batch_size: int) -> dict:
         "same_prompt": same_prompt / n,
         "same_response": same_text / n,
         "same_strict_match_score": same_strict / n,
-        "lm_eval": {k: v for k, v in lm_eval_out["results"].items() if k.startswith("exact_match")} | {"seconds": lm_eval_out["seconds"]},
-        "cdlm": {"exact_match,strict-match": sum(s["exact_match,strict-match"] for s in ours_scores) / n,
-                 "exact_match,flexible-extract": sum(s["exact_match,flexible-extract"] for s in ours_scores) / n,
-                 "seconds": seconds, "tokens_per_second": stats.tokens_per_second},
+        "lm_eval": {k: v for k, v in lm_eval_out["results"].items() if k.startswith("exact_match")}
+        | {"seconds": lm_eval_out["seconds"]},
+        "cdlm": {
+            "exact_match,strict-match": sum(s["exact_match,strict-match"] for s in ours_scores) / n,
+            "exact_match,flexible-extract": sum(s["exact_match,flexible-extract"] for s in ours_scores) / n,
+            "seconds": seconds,
+            "tokens_per_second": stats.tokens_per_second,
+        },
         "differing_responses": details[:5],
     }
 
@@ -224,9 +273,18 @@ def write_gsm8k_fixture(lm_eval_task_out: dict, model: str, k: int) -> None:
 
     samples = _gsm8k_samples(lm_eval_task_out)[:k]
     fixture = {
-        "model": model, "lm_eval_version": "0.4.13", "task": "gsm8k (5-shot, greedy, max_gen_toks 256)",
-        "problems": [{"doc_id": s["doc_id"], "prompt": _args_strings(s["arguments"][0])[0], "lm_eval_response": s["resps"][0][0],
-                      "strict_match": s.get("exact_match,strict-match", s.get("exact_match"))} for s in samples],
+        "model": model,
+        "lm_eval_version": "0.4.13",
+        "task": "gsm8k (5-shot, greedy, max_gen_toks 256)",
+        "problems": [
+            {
+                "doc_id": s["doc_id"],
+                "prompt": _args_strings(s["arguments"][0])[0],
+                "lm_eval_response": s["resps"][0][0],
+                "strict_match": s.get("exact_match,strict-match", s.get("exact_match")),
+            }
+            for s in samples
+        ],
     }
     atomic_write_json(ROOT / "tests" / "fixtures" / "lm_eval_gsm8k_smollm2.json", fixture)
 
@@ -239,9 +297,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--venv", default=str(ROOT / ".venv-lmeval"))
     parser.add_argument("--workdir", default="/tmp/cdlm_lm_eval_agreement")
-    parser.add_argument("--reuse-lm-eval", action="store_true", help="reuse the lm-eval outputs of a previous run in --workdir")
-    parser.add_argument("--write-fixture", type=int, default=0,
-                        help="store lm-eval's log-likelihoods of the first K HellaSwag docs and its first min(K, 3) GSM8K responses")
+    parser.add_argument(
+        "--reuse-lm-eval", action="store_true", help="reuse the lm-eval outputs of a previous run in --workdir"
+    )
+    parser.add_argument(
+        "--write-fixture",
+        type=int,
+        default=0,
+        help="store lm-eval's log-likelihoods of the first K HellaSwag docs and its first min(K, 3) GSM8K responses",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "eval_lm_eval_agreement"))
     args = parser.parse_args()
 
@@ -267,25 +331,39 @@ def main() -> int:
         lm_eval_out = run_lm_eval(ensure_venv(Path(args.venv)), folder, include, workdir, tasks, args.batch_size)
     loaded = load_model(str(folder), dtype="float32", device="cpu")
     report = {
-        "model": args.model, "model_folder": str(folder), "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
-        "machine": MACHINE, "lm_eval_version": "0.4.13",
+        "model": args.model,
+        "model_folder": str(folder),
+        "batch_size": args.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "machine": MACHINE,
+        "lm_eval_version": "0.4.13",
         "first_doc_context_ids_start": loaded.tokenizer.encode("High jump:")[:4],
         "tokenizer_adds_bos": loaded.tokenizer.encode("x") != loaded.tokenizer.encode("x", add_special_tokens=False),
     }
     if "cdlm_hellaswag_processed" in lm_eval_out:
         docs = read_jsonl(packaged_path("hellaswag/validation_olmo1000"))
         hs = compare_hellaswag(loaded, lm_eval_out["cdlm_hellaswag_processed"], docs, args.batch_size)
-        ours, requests = hs.pop("_ours"), hs.pop("_requests")
+        hs.pop("_ours")
+        requests = hs.pop("_requests")
         report["hellaswag"] = hs
         print(json.dumps(hs, indent=2), flush=True)
         if args.write_fixture:
             k = args.write_fixture
             fixture = {
-                "model": args.model, "lm_eval_version": "0.4.13", "source": "hellaswag_val_olmo1000_lmeval_processed (first docs)",
-                "docs": [{"query": d["query"], "choices": d["choices"], "gold": d["gold"],
-                          "context_ids": r.context, "continuation_ids": r.continuations,
-                          "lm_eval_loglikelihoods": [float(x[0][0]) for x in s["resps"]]}
-                         for d, r, s in zip(docs[:k], requests[:k], lm_eval_out["cdlm_hellaswag_processed"]["samples"][:k])],
+                "model": args.model,
+                "lm_eval_version": "0.4.13",
+                "source": "hellaswag_val_olmo1000_lmeval_processed (first docs)",
+                "docs": [
+                    {
+                        "query": d["query"],
+                        "choices": d["choices"],
+                        "gold": d["gold"],
+                        "context_ids": r.context,
+                        "continuation_ids": r.continuations,
+                        "lm_eval_loglikelihoods": [float(x[0][0]) for x in s["resps"]],
+                    }
+                    for d, r, s in zip(docs[:k], requests[:k], lm_eval_out["cdlm_hellaswag_processed"]["samples"][:k])
+                ],
             }
             atomic_write_json(ROOT / "tests" / "fixtures" / "lm_eval_hellaswag_smollm2.json", fixture)
     if "cdlm_gsm8k" in lm_eval_out:
@@ -294,24 +372,38 @@ def main() -> int:
         report["gsm8k"] = compare_gsm8k(loaded, lm_eval_out["cdlm_gsm8k"], args.batch_size)
         print(json.dumps(report["gsm8k"], indent=2), flush=True)
     atomic_write_json(args.output + ".json", report)
-    lines = ["# cdlm eval harness vs lm-evaluation-harness 0.4.13", "",
-             f"Model: {args.model} (float32, CPU; machine: {report['machine']}). Command: "
-             f"`python benchmarks/lm_eval_agreement.py --hellaswag-docs {args.hellaswag_docs} --gsm8k-docs {args.gsm8k_docs}`", ""]
+    lines = [
+        "# cdlm eval harness vs lm-evaluation-harness 0.4.13",
+        "",
+        f"Model: {args.model} (float32, CPU; machine: {report['machine']}). Command: "
+        "`python benchmarks/lm_eval_agreement.py "
+        f"--hellaswag-docs {args.hellaswag_docs} --gsm8k-docs {args.gsm8k_docs}`",
+        "",
+    ]
     if "hellaswag" in report:
         h = report["hellaswag"]
-        lines += [f"HellaSwag ({h['docs']} docs, lm-eval rendering): max |Δ loglik| {h['max_abs_loglik_diff']:.2e}, "
-                  f"{100 * h['choices_within_1e-3']:.1f}% of choices within 1e-3, same prediction acc {100 * h['same_prediction_acc']:.1f}% / "
-                  f"acc_norm {100 * h['same_prediction_acc_norm']:.1f}%; lm-eval acc {h['lm_eval']['acc']:.4f} / acc_norm {h['lm_eval']['acc_norm']:.4f}, "
-                  f"cdlm {h['cdlm']['acc']:.4f} / {h['cdlm']['acc_norm']:.4f}; examples/s lm-eval {h['lm_eval']['examples_per_second']:.2f}, "
-                  f"cdlm {h['cdlm']['examples_per_second']:.2f} (x{h['speedup_examples_per_second']:.2f}).", ""]
+        lines += [
+            f"HellaSwag ({h['docs']} docs, lm-eval rendering): max |Δ loglik| {h['max_abs_loglik_diff']:.2e}, "
+            f"{100 * h['choices_within_1e-3']:.1f}% of choices within 1e-3, "
+            f"same prediction acc {100 * h['same_prediction_acc']:.1f}% / "
+            f"acc_norm {100 * h['same_prediction_acc_norm']:.1f}%; "
+            f"lm-eval acc {h['lm_eval']['acc']:.4f} / acc_norm {h['lm_eval']['acc_norm']:.4f}, "
+            f"cdlm {h['cdlm']['acc']:.4f} / {h['cdlm']['acc_norm']:.4f}; "
+            f"examples/s lm-eval {h['lm_eval']['examples_per_second']:.2f}, "
+            f"cdlm {h['cdlm']['examples_per_second']:.2f} (x{h['speedup_examples_per_second']:.2f}).",
+            "",
+        ]
     if "gsm8k" in report:
         g = report["gsm8k"]
-        lines += [f"GSM8K 5-shot greedy ({g['docs']} problems): same prompt {100 * g['same_prompt']:.0f}%, same response "
-                  f"{100 * g['same_response']:.0f}%, same strict-match score {100 * g['same_strict_match_score']:.0f}%; "
-                  f"strict-match / flexible-extract: lm-eval {g['lm_eval']['exact_match,strict-match']:.2f} / "
-                  f"{g['lm_eval']['exact_match,flexible-extract']:.2f}, cdlm {g['cdlm']['exact_match,strict-match']:.2f} / "
-                  f"{g['cdlm']['exact_match,flexible-extract']:.2f}; seconds: lm-eval {g['lm_eval']['seconds']:.0f}, "
-                  f"cdlm {g['cdlm']['seconds']:.0f} (batch {args.batch_size}).", ""]
+        lines += [
+            f"GSM8K 5-shot greedy ({g['docs']} problems): same prompt {100 * g['same_prompt']:.0f}%, same response "
+            f"{100 * g['same_response']:.0f}%, same strict-match score {100 * g['same_strict_match_score']:.0f}%; "
+            f"strict-match / flexible-extract: lm-eval {g['lm_eval']['exact_match,strict-match']:.2f} / "
+            f"{g['lm_eval']['exact_match,flexible-extract']:.2f}, cdlm {g['cdlm']['exact_match,strict-match']:.2f} / "
+            f"{g['cdlm']['exact_match,flexible-extract']:.2f}; seconds: lm-eval {g['lm_eval']['seconds']:.0f}, "
+            f"cdlm {g['cdlm']['seconds']:.0f} (batch {args.batch_size}).",
+            "",
+        ]
     atomic_write_text(args.output + ".md", "\n".join(lines))
     return 0
 

@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft import LoraConfig
 
-    from cdlm.alignment.baselines import BaselineSettings, generate_baselines
-    from cdlm.alignment.ppo import PPOConfig, PPOTrainer
-    from cdlm.alignment.rewards import ContrastiveReward, GSM8KReward, arithmetic_problems
-    from cdlm.alignment.rollout import render_prompts, sample_responses
+    from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
+    from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+    from cdlm.alignment.rl.problems import arithmetic_problems
+    from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
+    from cdlm.alignment.rl.rollout import render_prompts, sample_responses
     from cdlm.models import load_model
 
     def log(message: str) -> None:

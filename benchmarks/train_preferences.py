@@ -49,9 +49,9 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cdlm.alignment.config import PreferenceConfig
-    from cdlm.alignment.data import load_default_splits
-    from cdlm.alignment.trainer import PreferenceTrainer
+    from cdlm.alignment.preference.config import PreferenceConfig
+    from cdlm.alignment.preference.data import load_default_splits
+    from cdlm.alignment.preference.trainer import PreferenceTrainer
     from cdlm.models import load_model
 
     torch.manual_seed(0)

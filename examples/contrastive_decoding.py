@@ -1,6 +1,6 @@
 """Contrastive decoding with plain transformers: an early-exit amateur and a separate one.
 
-    python examples/contrastive_decoding.py
+python examples/contrastive_decoding.py
 """
 
 import os
@@ -26,8 +26,13 @@ with torch.inference_mode():
         early = model.generate(**batch, max_new_tokens=40, do_sample=False, logits_processor=LogitsProcessorList([cd]))
 
     # 2. Any separate amateur model with the same tokenizer (here the early-exit shell run on its own,
-    #    with its own KV cache); works with beam search too. Pass the prompt's attention mask.
-    cd = ContrastiveDecodingLogitsProcessor(amateur.model, formulation="li", attention_mask=batch["attention_mask"])
+    #    with its own KV cache); works with beam search too. Pass the prompt's attention mask (it binds
+    #    the processor to this batch) and the expert, against which a bare amateur model is checked.
+    #    For a separate checkpoint, make_separate_amateur(model, tokenizer, amateur, amateur_tokenizer)
+    #    compares the tokenizers themselves.
+    cd = ContrastiveDecodingLogitsProcessor(
+        amateur.model, formulation="li", attention_mask=batch["attention_mask"], expert=model
+    )
     beams = model.generate(**batch, max_new_tokens=40, num_beams=4, logits_processor=LogitsProcessorList([cd]))
 
 start = batch["input_ids"].shape[1]

@@ -15,27 +15,27 @@ from transformers import LogitsProcessorList
 
 from cdlm.decoding.contrastive_input import ContrastiveInputLogitsProcessor
 from cdlm.models import load_model
+from cdlm.models.prompts import render_prompts
 
 model, tokenizer = load_model("smollm2-135m-instruct")
-
-
-def chat(text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-
 
 pairs = [
     ("Write a short poem about the sea.", "Write a short poem."),
     ("Describe a typical day of a nurse.", "Describe a typical day of a person."),
 ]
-batch = tokenizer([chat(x) for x, _ in pairs], return_tensors="pt", padding=True, add_special_tokens=False)
-contrastive = tokenizer([chat(c) for _, c in pairs], return_tensors="pt", padding=True, add_special_tokens=False)
+# One user turn of the chat template each; the template already writes the special tokens.
+encode = dict(return_tensors="pt", padding=True, add_special_tokens=False)
+batch = tokenizer(render_prompts(tokenizer, [x for x, _ in pairs]), **encode)
+contrastive = tokenizer(render_prompts(tokenizer, [c for _, c in pairs]), **encode)
 
 with torch.inference_mode():
     greedy = model.generate(**batch, max_new_tokens=48, do_sample=False)
     cid = ContrastiveInputLogitsProcessor(
         model, contrastive["input_ids"], contrastive["attention_mask"], cid_lambda=0.5, alpha=0.1
     )
-    contrasted = model.generate(**batch, max_new_tokens=48, do_sample=False, logits_processor=LogitsProcessorList([cid]))
+    contrasted = model.generate(
+        **batch, max_new_tokens=48, do_sample=False, logits_processor=LogitsProcessorList([cid])
+    )
 
 start = batch["input_ids"].shape[1]
 for i, (x, x_c) in enumerate(pairs):

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 
 from cdlm.alignment import BaselineSettings, ContrastiveReward, GSM8KReward, PPOConfig, PPOTrainer, generate_baselines
-from cdlm.alignment.rewards import arithmetic_problems
+from cdlm.alignment.rl.problems import arithmetic_problems
 from cdlm.models import load_model
 
 torch.set_num_threads(1)  # small models on a shared CPU: one thread avoids barrier stalls

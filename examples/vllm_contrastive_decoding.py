@@ -5,14 +5,16 @@
 
 Two ways to use it: cdlm's backend (``load_vllm`` + ``generate``, the same results as
 ``cdlm.decoding.runner.generate``), or plain vLLM with the processor registered and per-request
-settings in ``SamplingParams.extra_args``: greedy, CD and CID requests share one batch.
+settings in ``SamplingParams.extra_args`` (flat ``cdlm_*`` keys; over HTTP the same keys go in the
+body's ``vllm_xargs``, see ``cdlm serve``): greedy, CD and CID requests share one batch. The engine
+captures layer 8, so ``early-exit:8`` costs one norm + LM head on vLLM's own forward pass.
 """
 
 from cdlm.decoding.vllm import ContrastParams, generate, load_vllm
 
 
 def main() -> None:
-    engine = load_vllm("smollm2-135m-instruct", max_model_len=1024, max_num_seqs=8)
+    engine = load_vllm("smollm2-135m-instruct", max_model_len=1024, max_num_seqs=8, early_exit_layers=[8])
     chat = lambda text: engine.tokenizer.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
     )
@@ -33,7 +35,7 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    cd = ContrastParams(method="cd", amateur="early-exit:8", beta=1.0)
+    cd = ContrastParams(method="cd", amateur="early-exit:8", beta=1.0)  # .to_extra_args(): {"cdlm_method": "cd", ...}
     outputs = engine.llm.generate(
         [TokensPrompt(prompt_token_ids=ids)] * 2,
         [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0, max_tokens=40, extra_args=cd.to_extra_args())],

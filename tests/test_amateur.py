@@ -27,7 +27,9 @@ def _swapped_tokenizer() -> PreTrainedTokenizerFast:
     vocab = spec["model"]["vocab"]
     by_id = {index: token for token, index in vocab.items()}
     vocab[by_id[100]], vocab[by_id[101]] = 101, 100
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token="<pad>", eos_token="</s>"
+    )
 
 
 def test_same_tokenizer_passes_and_padded_head_uses_common_range(tiny_tokenizer):
@@ -40,7 +42,9 @@ def test_same_tokenizer_passes_and_padded_head_uses_common_range(tiny_tokenizer)
 
 def test_mismatched_tokenizers_raise_naming_both_models(tiny_tokenizer):
     with pytest.raises(TokenizerMismatchError, match="big-expert.*small-amateur.*id 100"):
-        check_same_vocabulary(tiny_tokenizer, _swapped_tokenizer(), expert_name="big-expert", amateur_name="small-amateur")
+        check_same_vocabulary(
+            tiny_tokenizer, _swapped_tokenizer(), expert_name="big-expert", amateur_name="small-amateur"
+        )
 
 
 def test_same_vocab_but_different_encoding_is_caught(tiny_tokenizer):

@@ -17,13 +17,18 @@ from transformers import LogitsProcessorList
 from cdlm import testing
 from cdlm.decoding.contrastive_decoding import (
     ContrastiveDecodingLogitsProcessor,
-    ContrastiveDecodingMethod,
     EarlyExitContrastiveLogitsProcessor,
     contrastive_decoding_processor,
 )
-from cdlm.decoding.methods import get_method
+from cdlm.decoding.methods import ContrastiveDecodingMethod, get_method
 from cdlm.decoding.runner import generate as run_generate
-from cdlm.models import CannotSplitModelError, EarlyExitAmateur, SeparateAmateur, TokenizerMismatchError, make_separate_amateur
+from cdlm.models import (
+    CannotSplitModelError,
+    EarlyExitAmateur,
+    SeparateAmateur,
+    TokenizerMismatchError,
+    make_separate_amateur,
+)
 
 PROMPTS = [
     "The quick brown fox",
@@ -130,11 +135,17 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("hp", SETTINGS, ids=lambda hp: f"{hp['formulation']}-a{hp['alpha']}-b{hp['beta']}-t{hp['tau']}")
+@pytest.mark.parametrize(
+    "hp", SETTINGS, ids=lambda hp: f"{hp['formulation']}-a{hp['alpha']}-b{hp['beta']}-t{hp['tau']}"
+)
 def test_batched_processor_matches_naive_reference(tiny_llama, amateur, tiny_tokenizer, hp):
     batch = _batch(tiny_tokenizer)
     processor = ContrastiveDecodingLogitsProcessor(
-        amateur, alpha=hp["alpha"], beta=hp["beta"], formulation=hp["formulation"], amateur_temperature=hp["tau"],
+        amateur,
+        alpha=hp["alpha"],
+        beta=hp["beta"],
+        formulation=hp["formulation"],
+        amateur_temperature=hp["tau"],
         attention_mask=batch["attention_mask"],
     )
     got = _generated(_cd_generate(tiny_llama, processor, batch), batch)
@@ -147,7 +158,9 @@ def test_gemma3_sliding_window_matches_naive_reference(tiny_tokenizer):
     expert, amateur_model = testing.tiny_gemma3(seed=0), testing.tiny_gemma3(seed=1)
     hp = dict(formulation="obrien-lewis", alpha=0.1, beta=1.0, tau=1.0)
     batch = _batch(tiny_tokenizer)  # prompts and generations longer than the sliding window of 8
-    processor = ContrastiveDecodingLogitsProcessor(amateur_model, alpha=0.1, beta=1.0, attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(
+        amateur_model, alpha=0.1, beta=1.0, attention_mask=batch["attention_mask"]
+    )
     got = _generated(_cd_generate(expert, processor, batch, steps=10), batch)
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == naive_cd_greedy(expert, amateur_model, _prompt_ids(tiny_tokenizer, prompt), 10, **hp)
@@ -159,14 +172,18 @@ def test_alongside_repetition_penalty_matches_reference(tiny_llama, amateur, tin
     processor = ContrastiveDecodingLogitsProcessor(amateur, formulation="li", attention_mask=batch["attention_mask"])
     got = _generated(_cd_generate(tiny_llama, processor, batch, repetition_penalty=1.5), batch)
     for prompt, tokens in zip(PROMPTS, got):
-        ref = naive_cd_greedy(tiny_llama, amateur, _prompt_ids(tiny_tokenizer, prompt), 12, repetition_penalty=1.5, **hp)
+        ref = naive_cd_greedy(
+            tiny_llama, amateur, _prompt_ids(tiny_tokenizer, prompt), 12, repetition_penalty=1.5, **hp
+        )
         assert tokens == ref
 
 
 def test_batched_left_padded_equals_each_prompt_alone(tiny_llama, amateur, tiny_tokenizer):
     batch = _batch(tiny_tokenizer)
     together = _generated(
-        _cd_generate(tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, attention_mask=batch["attention_mask"]), batch),
+        _cd_generate(
+            tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, attention_mask=batch["attention_mask"]), batch
+        ),
         batch,
     )
     for prompt, tokens in zip(PROMPTS, together):
@@ -178,8 +195,12 @@ def test_batched_left_padded_equals_each_prompt_alone(tiny_llama, amateur, tiny_
 def test_inferred_left_padding_equals_given_mask(tiny_llama, amateur, tiny_tokenizer):
     batch = _batch(tiny_tokenizer)
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
-    given = _cd_generate(tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, attention_mask=batch["attention_mask"]), batch)
-    inferred = _cd_generate(tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, pad_token_id=testing.PAD_ID), batch)
+    given = _cd_generate(
+        tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, attention_mask=batch["attention_mask"]), batch
+    )
+    inferred = _cd_generate(
+        tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, pad_token_id=testing.PAD_ID), batch
+    )
     assert torch.equal(given, inferred)
 
 
@@ -200,12 +221,35 @@ def test_identical_expert_and_amateur_obrien_lewis_is_greedy(tiny_llama, tiny_to
     assert torch.equal(_cd_generate(tiny_llama, processor, batch), greedy)
 
 
-def test_li_form_changes_the_output(tiny_llama, amateur, tiny_tokenizer):
-    """Guards the equivalence tests against a processor that silently does nothing."""
+@pytest.mark.parametrize("hp", SETTINGS[::2], ids=lambda hp: hp["formulation"])
+def test_every_step_scores_equal_the_papers_formula(tiny_llama, amateur, tiny_tokenizer, hp):
+    """The scores handed to generate() at every step, row by row, against the paper's formula on the
+    row's unpadded prefix (O'Brien-Lewis up to the per-row constant the docstring allows), and the
+    outputs differ from greedy so the comparison is not vacuous."""
     batch = _batch(tiny_tokenizer)
-    greedy = tiny_llama.generate(**batch, max_new_tokens=12, do_sample=False)
-    processor = ContrastiveDecodingLogitsProcessor(amateur, formulation="li", attention_mask=batch["attention_mask"])
-    assert not torch.equal(_cd_generate(tiny_llama, processor, batch), greedy)
+    processor = ContrastiveDecodingLogitsProcessor(
+        amateur,
+        formulation=hp["formulation"],
+        alpha=hp["alpha"],
+        beta=hp["beta"],
+        attention_mask=batch["attention_mask"],
+    )
+    out = _cd_generate(tiny_llama, processor, batch, steps=6, output_scores=True, return_dict_in_generate=True)
+    prompt_len = batch["input_ids"].shape[1]
+    for row in range(len(PROMPTS)):
+        real = out.sequences[row][batch["attention_mask"][row].bool().tolist() + [True] * 6].tolist()
+        start = int(batch["attention_mask"][row].sum())
+        for step, scores in enumerate(out.scores):
+            expected = naive_cd_scores(
+                _last_logits(tiny_llama, real[: start + step]), _last_logits(amateur, real[: start + step]), **hp
+            )
+            got = scores[row]
+            assert torch.equal(torch.isinf(got), torch.isinf(expected))
+            finite = torch.isfinite(expected)
+            offset = (got[finite] - expected[finite]).mean() if hp["formulation"] == "obrien-lewis" else 0.0
+            torch.testing.assert_close(got[finite] - offset, expected[finite], atol=1e-4, rtol=1e-4)
+    greedy = tiny_llama.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(out.sequences[:, prompt_len:], greedy[:, prompt_len:])
 
 
 def test_amateur_vocabulary_range_is_respected(tiny_tokenizer, amateur):
@@ -213,7 +257,9 @@ def test_amateur_vocabulary_range_is_respected(tiny_tokenizer, amateur):
     padded_expert = testing.tiny_llama(seed=0, vocab_size=400)
     hp = dict(formulation="li", alpha=0.3, beta=0.5, tau=1.0)
     batch = _batch(tiny_tokenizer)
-    processor = ContrastiveDecodingLogitsProcessor(amateur, formulation="li", alpha=0.3, attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(
+        amateur, formulation="li", alpha=0.3, attention_mask=batch["attention_mask"], vocab_size=384
+    )
     out = _cd_generate(padded_expert, processor, batch, output_scores=True, return_dict_in_generate=True)
     assert all(step.shape[1] == 400 and torch.isinf(step[:, 384:]).all() for step in out.scores)
     for prompt, tokens in zip(PROMPTS, _generated(out.sequences, batch)):
@@ -238,6 +284,62 @@ def test_amateur_in_another_dtype(tiny_llama, tiny_tokenizer):
     got = _generated(_cd_generate(tiny_llama, processor, batch, steps=6), batch)
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == naive_cd_greedy(tiny_llama, low, _prompt_ids(tiny_tokenizer, prompt), 6, **hp)
+
+
+def test_reusing_a_processor_with_its_mask_on_another_batch_is_refused(tiny_llama, amateur, tiny_tokenizer):
+    """Issue 15.3: the mask given at construction belongs to that batch; another batch of the same shape
+    used to be decoded silently with it."""
+    first = _batch(tiny_tokenizer, [PROMPTS[0], PROMPTS[2]])
+    second = _batch(tiny_tokenizer, [PROMPTS[2], PROMPTS[0]])  # same shape, padding in other rows
+    assert first["input_ids"].shape == second["input_ids"].shape
+    assert not torch.equal(first["attention_mask"], second["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(amateur, attention_mask=first["attention_mask"])
+    _cd_generate(tiny_llama, processor, first)
+    assert torch.equal(
+        _cd_generate(tiny_llama, processor, first),
+        _cd_generate(
+            tiny_llama, ContrastiveDecodingLogitsProcessor(amateur, attention_mask=first["attention_mask"]), first
+        ),
+    )
+    with pytest.raises(ValueError, match="attention_mask of another batch"):
+        _cd_generate(tiny_llama, processor, second)
+
+
+def test_bare_amateur_with_another_vocabulary_is_refused(tiny_llama, amateur, tiny_tokenizer, tmp_path):
+    """Issue 15.4: a bare amateur model of another vocabulary used to decode without complaint."""
+    batch = _batch(tiny_tokenizer)
+    big = testing.tiny_gemma3(seed=0, vocab_size=512)
+    processor = ContrastiveDecodingLogitsProcessor(big, attention_mask=batch["attention_mask"])
+    with pytest.raises(TokenizerMismatchError, match="scores 512 token ids but the expert scores 384"):
+        _cd_generate(tiny_llama, processor, batch)
+    with pytest.raises(TokenizerMismatchError, match="512 token ids"):
+        ContrastiveDecodingLogitsProcessor(big, expert=tiny_llama)
+    # Same head size, different special tokens: caught when the expert is given.
+    other_eos = testing.tiny_llama(seed=1)
+    other_eos.generation_config.eos_token_id = 3
+    with pytest.raises(TokenizerMismatchError, match="eos_token_id: \\[2\\] vs \\[3\\]"):
+        ContrastiveDecodingLogitsProcessor(other_eos, expert=tiny_llama)
+    # Same head size and special tokens, but the models' own tokenizer files differ.
+    expert_dir, amateur_dir = tmp_path / "expert", tmp_path / "amateur"
+    tiny_llama.save_pretrained(expert_dir)
+    tiny_tokenizer.save_pretrained(expert_dir)
+    testing.tiny_llama(seed=1).save_pretrained(amateur_dir)
+    testing.tiny_tokenizer(vocab_size=300).save_pretrained(amateur_dir)
+    from transformers import AutoModelForCausalLM
+
+    expert_loaded = AutoModelForCausalLM.from_pretrained(expert_dir)
+    amateur_loaded = AutoModelForCausalLM.from_pretrained(amateur_dir)
+    with pytest.raises(TokenizerMismatchError, match="tokenizers of expert and .*amateur"):
+        ContrastiveDecodingLogitsProcessor(amateur_loaded, expert=expert_loaded)
+    # The matching pair passes every check and decodes as before.
+    same_dir = tmp_path / "same"
+    testing.tiny_llama(seed=1).save_pretrained(same_dir)
+    tiny_tokenizer.save_pretrained(same_dir)
+    ok = ContrastiveDecodingLogitsProcessor(
+        AutoModelForCausalLM.from_pretrained(same_dir), expert=expert_loaded, attention_mask=batch["attention_mask"]
+    )
+    reference = ContrastiveDecodingLogitsProcessor(amateur, attention_mask=batch["attention_mask"])
+    assert torch.equal(_cd_generate(tiny_llama, ok, batch), _cd_generate(tiny_llama, reference, batch))
 
 
 def test_reusing_a_processor_restarts_on_a_new_prompt(tiny_llama, amateur, tiny_tokenizer):
@@ -268,7 +370,9 @@ def test_beam_search_is_reproducible_and_differs_from_plain_beams(tiny_llama, am
     batch = _batch(tiny_tokenizer)
 
     def run():
-        processor = ContrastiveDecodingLogitsProcessor(amateur, formulation="li", attention_mask=batch["attention_mask"])
+        processor = ContrastiveDecodingLogitsProcessor(
+            amateur, formulation="li", attention_mask=batch["attention_mask"]
+        )
         return _cd_generate(tiny_llama, processor, batch, steps=8, num_beams=4, num_return_sequences=2)
 
     first, second = run(), run()
@@ -283,14 +387,19 @@ def test_seeded_sampling_is_reproducible_and_stays_in_the_plausible_set(tiny_lla
         torch.manual_seed(seed)
         processor = ContrastiveDecodingLogitsProcessor(amateur, alpha=0.2, attention_mask=batch["attention_mask"])
         return _cd_generate(
-            tiny_llama, processor, batch, do_sample=True, temperature=1.3, top_k=20,
-            output_scores=True, return_dict_in_generate=True,
+            tiny_llama,
+            processor,
+            batch,
+            do_sample=True,
+            temperature=1.3,
+            top_k=20,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
 
     first, second, other = run(0), run(0), run(1)
     assert torch.equal(first.sequences, second.sequences)
     assert not torch.equal(first.sequences, other.sequences)
-    prompt_len = batch["input_ids"].shape[1]
     for row, tokens in enumerate(_generated(first.sequences, batch)):  # every sampled token was plausible
         for step, token in enumerate(tokens):
             assert math.isfinite(float(first.scores[step][row, token]))
@@ -305,7 +414,9 @@ def test_early_exit_processor_equals_separate_shell_amateur(factory, formulation
     batch = _batch(tiny_tokenizer)
     with EarlyExitContrastiveLogitsProcessor(early, formulation=formulation) as processor:
         hooked = _cd_generate(expert, processor, batch, steps=14)
-    separate = ContrastiveDecodingLogitsProcessor(early.model, formulation=formulation, attention_mask=batch["attention_mask"])
+    separate = ContrastiveDecodingLogitsProcessor(
+        early.model, formulation=formulation, attention_mask=batch["attention_mask"]
+    )
     assert torch.equal(hooked, _cd_generate(expert, separate, batch, steps=14))
     assert not torch.equal(hooked, expert.generate(**batch, max_new_tokens=14, do_sample=False))
 
@@ -371,7 +482,9 @@ def test_bad_hyperparameters_are_rejected(amateur, kwargs, message):
         ContrastiveDecodingLogitsProcessor(amateur, **kwargs)
     method_kwargs = {{"formulation": "cd_formulation"}.get(k, k): v for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
-        ContrastiveDecodingMethod(testing.tiny_llama(seed=0), testing.tiny_tokenizer(), amateur=amateur, **method_kwargs)
+        ContrastiveDecodingMethod(
+            testing.tiny_llama(seed=0), testing.tiny_tokenizer(), amateur=amateur, **method_kwargs
+        )
 
 
 def test_wrong_attention_mask_shape_is_an_error(tiny_llama, amateur, tiny_tokenizer):
@@ -439,10 +552,14 @@ def test_smollm2_matches_naive_reference(smollm2, formulation):
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     hp = dict(formulation=formulation, alpha=0.1, beta=0.5, tau=1.0)
     eos = model.generation_config.eos_token_id
-    separate = ContrastiveDecodingLogitsProcessor(early.model, formulation=formulation, attention_mask=batch["attention_mask"])
+    separate = ContrastiveDecodingLogitsProcessor(
+        early.model, formulation=formulation, attention_mask=batch["attention_mask"]
+    )
     got = model.generate(**batch, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([separate]))
     with EarlyExitContrastiveLogitsProcessor(early, formulation=formulation) as hooked:
-        got_hooked = model.generate(**batch, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([hooked]))
+        got_hooked = model.generate(
+            **batch, max_new_tokens=10, do_sample=False, logits_processor=LogitsProcessorList([hooked])
+        )
     assert torch.equal(got, got_hooked)
     for prompt, row in zip(prompts, got[:, batch["input_ids"].shape[1] :].tolist()):
         ids = tokenizer(prompt)["input_ids"]
@@ -460,7 +577,7 @@ def test_smollm2_matches_naive_reference(smollm2, formulation):
 def test_early_exit_head_on_plausible_tokens_only_gives_the_same_distribution(formulation):
     """The early-exit path evaluates the amateur head only on plausible tokens when the scores are
     raw logits; the resulting next-token distribution must equal the full-head computation."""
-    from cdlm.decoding._contrast import contrast
+    from cdlm.decoding.contrast import contrast
 
     expert = testing.tiny_llama(seed=4)
     amateur = EarlyExitAmateur(expert, 2)

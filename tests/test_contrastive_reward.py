@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from cdlm.alignment import ppo_core as core
-from cdlm.alignment.baselines import BaselineCache, BaselineSettings, generate_baselines
-from cdlm.alignment.rewards import ContrastiveReward, GSM8KReward, as_trl_reward_func, extract_final_number, load_reward
+from cdlm.alignment.rl import core
+from cdlm.alignment.rl.baselines import BaselineCache, BaselineSettings, generate_baselines
+from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward, as_trl_reward_func, extract_final_number, load_reward
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,8 @@ import pytest
 from datasets import Dataset
 
 from cdlm import testing
-from cdlm.alignment.rewards import ContrastiveReward, SequenceClassificationReward, load_reward, train_reward_model
+from cdlm.alignment.rl.reward_model import train_reward_model
+from cdlm.alignment.rl.rewards import ContrastiveReward, SequenceClassificationReward, load_reward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

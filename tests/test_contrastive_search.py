@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,177 @@ def test_registry_method_and_runner(tiny_tokenizer, tiny_llama):
     assert stats.new_tokens == sum(len(g.token_ids) for g in generations) > 0
 
 
+# Prompts several times longer than tiny_gemma3's sliding window (8), of different lengths (left padding).
+LONG_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog.",
+    "A man is sitting on a roof. He",
+    "Question: Natalia sold clips to 48 of her friends in April. How many clips did she sell? Answer:",
+]
+LAYOUTS = ["shared_context", "row_per_candidate"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_layouts_match_naive_reference_with_long_prompts(tiny_tokenizer, family, layout):
+    model = (testing.tiny_llama(seed=2) if family == "llama" else testing.tiny_gemma3(seed=2)).eval()
+    batch = _batch(tiny_tokenizer, LONG_PROMPTS)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert min(lengths) > 8 and max(lengths) > 3 * 8 and len(set(lengths)) == len(lengths)
+    with torch.no_grad():
+        expected = naive_contrastive_search(model, batch["input_ids"], batch["attention_mask"], 0.6, 4, 12, 2, 0)
+    got = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12,
+        candidate_layout=layout,
+    )
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_shared_context_batched_equals_unbatched_and_per_row_eos(tiny_tokenizer, model_name, request):
+    model = request.getfixturevalue(model_name)
+    batch = _batch(tiny_tokenizer, LONG_PROMPTS)
+    kwargs = dict(custom_generate=contrastive_search, penalty_alpha=0.6, top_k=3, max_new_tokens=20)
+    free = model.generate(**batch, **kwargs, candidate_layout="row_per_candidate")
+    width = batch["input_ids"].shape[1]
+    stop_token = free[1, width + 4].item()  # row 1 stops early; the others may or may not meet it
+    batched = model.generate(**batch, **kwargs, eos_token_id=stop_token, candidate_layout="shared_context")
+    per_row = model.generate(**batch, **kwargs, eos_token_id=stop_token, candidate_layout="row_per_candidate")
+    assert batched.tolist() == per_row.tolist()
+    assert batched[1, width + 5 :].eq(tiny_tokenizer.pad_token_id).all()
+    for i, prompt in enumerate(LONG_PROMPTS):
+        single = tiny_tokenizer([prompt], return_tensors="pt")
+        alone = model.generate(**single, **kwargs, eos_token_id=stop_token, candidate_layout="shared_context")
+        new_alone = alone[0, single["input_ids"].shape[1] :].tolist()
+        new_batched = batched[i, width:].tolist()
+        assert new_batched[: len(new_alone)] == new_alone
+        assert all(t == tiny_tokenizer.pad_token_id for t in new_batched[len(new_alone) :])
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_shared_context_cache_holds_only_the_winners(tiny_tokenizer, model_name, request):
+    """The returned cache equals a fresh prefill of the chosen sequence: no candidate entry survives, and
+    sliding-window layers hold exactly their last ``window - 1`` positions."""
+    model = request.getfixturevalue(model_name)
+    batch = _batch(tiny_tokenizer, LONG_PROMPTS)
+    out = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=10, min_new_tokens=10,
+        return_dict_in_generate=True, candidate_layout="shared_context",
+    )
+    cache = out.past_key_values
+    covered = cache.get_seq_length()  # sequences[:, :-1], or all of it where a full sliding window can't be cropped
+    assert covered in (out.sequences.shape[1] - 1, out.sequences.shape[1])
+    ids = out.sequences[:, :covered]
+    generated = torch.ones(ids.shape[0], covered - batch["attention_mask"].shape[1], dtype=torch.long)
+    mask = torch.cat([batch["attention_mask"], generated], dim=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate()'s convention, padding included
+    fresh = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True).past_key_values
+    for layer, expected in zip(cache.layers, fresh.layers):
+        assert layer.keys.shape == expected.keys.shape
+        # Padding positions hold whatever a fully masked query computes (it depends on the sequence length).
+        real = mask[:, -layer.keys.shape[-2] :].bool()[:, None, :, None].expand_as(layer.keys)
+        assert real.any()
+        torch.testing.assert_close(layer.keys[real], expected.keys[real], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values[real], expected.values[real], rtol=1e-4, atol=1e-5)
+        assert not getattr(layer, "record_past", False)
+    if model_name == "tiny_gemma3":
+        window = model.config.sliding_window
+        assert {layer.keys.shape[-2] for layer in cache.layers if layer.is_sliding} == {window - 1}
+
+
+def test_candidate_mask_exact_values():
+    """Candidate j sees the row's non-padding past and itself, never a sibling candidate."""
+    low = torch.finfo(torch.float32).min
+    padding = torch.tensor([[low, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    path = cs_module._SharedContext.__new__(cs_module._SharedContext)
+    path.k, path.padding = 2, padding
+    path.own_entry = torch.tensor([[0.0, low], [low, 0.0]])
+    mask = path._mask(stored=2, length=3)  # the last 2 of 3 context positions (a sliding window), then 2 candidates
+    assert mask.shape == (2, 1, 2, 4)
+    assert mask[0, 0].tolist() == [[0.0, 0.0, 0.0, low], [0.0, 0.0, low, 0.0]]
+    full = path._mask(stored=3, length=3)
+    assert full[0, 0].tolist() == [[low, 0.0, 0.0, 0.0, low], [low, 0.0, 0.0, low, 0.0]]
+    assert full[1, 0].tolist() == [[0.0, 0.0, 0.0, 0.0, low], [0.0, 0.0, 0.0, low, 0.0]]
+
+
+def test_layout_of_tiny_models(tiny_llama, tiny_gemma3):
+    from transformers import DynamicCache
+
+    def layout(model):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        return cs_module._shared_context_layout(model, cache)
+
+    assert layout(tiny_llama) == ([False] * 4, None)
+    assert layout(tiny_gemma3) == ([True, False, True, False], {"sliding_attention": True, "full_attention": False})
+
+
+def _choices(monkeypatch):
+    chosen = []
+    original = cs_module._candidate_path
+
+    def spy(*args, **kwargs):
+        path = original(*args, **kwargs)
+        chosen.append(path.name)
+        return path
+
+    monkeypatch.setattr(cs_module, "_candidate_path", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gemma3"])
+def test_auto_layout_checks_then_shares_the_context(tiny_tokenizer, model_name, request, monkeypatch):
+    model = request.getfixturevalue(model_name)
+    monkeypatch.setattr(cs_module, "_SHARED_CONTEXT_CHECKED", weakref.WeakKeyDictionary())
+    checks = []
+    original_init = cs_module._RowPerCandidate.__init__
+
+    def counting_init(self, *args, **kwargs):
+        checks.append(1)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cs_module._RowPerCandidate, "__init__", counting_init)
+    batch = _batch(tiny_tokenizer, LONG_PROMPTS)
+    chosen = _choices(monkeypatch)
+    kwargs = dict(custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12)
+    auto = model.generate(**batch, **kwargs)
+    assert chosen == ["shared_context"] and len(checks) == 1  # checked against one row per candidate, once
+    assert model.generate(**batch, **kwargs).tolist() == auto.tolist() and len(checks) == 1  # not re-checked
+    checks.clear()
+    assert auto.tolist() == model.generate(**batch, **kwargs, candidate_layout="row_per_candidate").tolist()
+    assert chosen == ["shared_context"] * 2 + ["row_per_candidate"]
+
+
+def test_auto_layout_falls_back_when_the_check_fails(tiny_tokenizer, tiny_llama, monkeypatch, caplog):
+    """A mask that lets candidates see each other (a model mishandling the 4-D mask would look like this)
+    changes the tokens when forced, and ``auto`` notices on the first step and runs one row per candidate."""
+    monkeypatch.setattr(cs_module, "_SHARED_CONTEXT_CHECKED", weakref.WeakKeyDictionary())  # forget earlier checks
+    batch = _batch(tiny_tokenizer, LONG_PROMPTS)
+    kwargs = dict(custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12)
+    per_row = tiny_llama.generate(**batch, **kwargs, candidate_layout="row_per_candidate")
+
+    def leaky_mask(self, stored, length):
+        mask = original_mask(self, stored, length)
+        mask[..., stored:] = 0.0
+        return mask
+
+    original_mask = cs_module._SharedContext._mask
+    monkeypatch.setattr(cs_module._SharedContext, "_mask", leaky_mask)
+    assert tiny_llama.generate(**batch, **kwargs, candidate_layout="shared_context").tolist() != per_row.tolist()
+    chosen = _choices(monkeypatch)
+    with caplog.at_level("WARNING", logger=cs_module.__name__):
+        auto = tiny_llama.generate(**batch, **kwargs)
+    assert chosen == ["row_per_candidate"]
+    assert "changed" in caplog.text
+    assert auto.tolist() == per_row.tolist()
+
+
+def test_bad_candidate_layout_raises(tiny_tokenizer, tiny_llama):
+    with pytest.raises(ValueError, match="candidate_layout"):
+        tiny_llama.generate(
+            **_batch(tiny_tokenizer), custom_generate=contrastive_search, max_new_tokens=2, candidate_layout="tree"
+        )
+
+
 def _fixture():
     return json.loads(FIXTURE.read_text())
 
@@ -297,20 +469,26 @@ def test_fixture_covers_the_required_grid():
 
 
 # One setting runs with the real-model tests (about a minute on a quiet 2-core CPU); the whole grid
-# is `slow` (several minutes: 12 prompts x k=8 is a 96-row forward per token).
-_RUN_MARKS = {(0.6, 4): [pytest.mark.real_model]}
+# is `slow` (several minutes: 12 prompts x k=8 is a 96-query forward per token), as is the 4.55.4-style
+# row-per-candidate layout (the default `auto` takes the shared-context layout on this model).
+_RUN_MARKS = {(0.6, 4, "auto"): [pytest.mark.real_model]}
 
 
 @pytest.mark.parametrize(
-    ("penalty_alpha", "top_k"),
+    ("penalty_alpha", "top_k", "layout"),
     [
-        pytest.param(a, k, marks=_RUN_MARKS.get((a, k), [pytest.mark.real_model, pytest.mark.slow]), id=f"alpha{a}-k{k}")
+        pytest.param(
+            a, k, layout, marks=_RUN_MARKS.get((a, k, layout), [pytest.mark.real_model, pytest.mark.slow]),
+            id=f"alpha{a}-k{k}-{layout}",
+        )
+        for layout in ("auto", "row_per_candidate")
         for a, k in [(0.6, 4), (0.4, 4), (0.4, 8), (0.6, 8)]
     ],
 )
-def test_matches_transformers_4_55_reference(smollm2, penalty_alpha, top_k):
+def test_matches_transformers_4_55_reference(smollm2, penalty_alpha, top_k, layout, monkeypatch):
     """Token-identical to transformers 4.55.4's built-in contrastive search on SmolLM2-135M-Instruct
     (12 chat and plain prompts, 64 new tokens, the recorded left-padded batch fed as exact ids)."""
+    chosen = _choices(monkeypatch)
     fixture = _fixture()
     run = next(r for r in fixture["runs"] if (r["penalty_alpha"], r["top_k"]) == (penalty_alpha, top_k))
     input_ids = torch.tensor(fixture["batch"]["input_ids"])
@@ -324,7 +502,9 @@ def test_matches_transformers_4_55_reference(smollm2, penalty_alpha, top_k):
         max_new_tokens=fixture["max_new_tokens"],
         pad_token_id=fixture["pad_token_id"],
         eos_token_id=fixture["eos_token_id"],
+        candidate_layout=layout,
     )
+    assert chosen == ["shared_context" if layout == "auto" else layout]
     got = out[:, input_ids.shape[1] :].tolist()
     mismatches = []
     for i, (mine, theirs) in enumerate(zip(got, run["output_ids"])):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cdlm import testing
-from cdlm.alignment.distill_data import (
+from cdlm.alignment.distill.pairs import (
     PairGenerationSettings,
     SamplingSettings,
     generate_pairs,
@@ -152,7 +152,8 @@ def test_cli_generate_then_train_saves_a_loadable_amateur(tmp_path, model_dirs, 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 4
     out = tmp_path / "student-out"
     assert main(["distill", "train", *common, "--pairs", str(pairs), "--eval-pairs", str(pairs), "--output-dir", str(out),
-                 "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--adaptive-alpha", "--beta-schedule", "linear"]) == 0
+                 "--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--lora-r", "0",
+                 "--adaptive-alpha", "--beta-schedule", "linear"]) == 0
     report = json.loads((out / "distill_report.json").read_text())
     assert report["after"]["kl_teacher_responses"] < report["before"]["kl_teacher_responses"]
     from cdlm.models import load_amateur, load_model

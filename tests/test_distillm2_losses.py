@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdlm.alignment.distillm2_losses import (
+from cdlm.alignment.distill.losses import (
     adaptive_alpha,
     cald_objective,
     chunked_sequence_stats,
@@ -224,7 +224,7 @@ def test_chunking_gives_the_same_values_and_gradients(divergence):
         torch.testing.assert_close(grad, reference[1], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(head_grad, reference[2], atol=1e-6, rtol=1e-5)
     # against the direct per-token computation
-    from cdlm.alignment.distillm2_losses import token_divergence
+    from cdlm.alignment.distill.losses import token_divergence
 
     with torch.no_grad():
         s_logits, t_logits = head_s(s_h), head_t(t_h)

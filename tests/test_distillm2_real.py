@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs
-from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
+from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs
+from cdlm.alignment.distill.config import DistiLLM2Config
+from cdlm.alignment.distill.metrics import distillation_metrics
+from cdlm.alignment.distill.trainer import DistiLLM2Trainer
 from cdlm.models import load_amateur
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]

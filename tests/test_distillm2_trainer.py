@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from cdlm import testing
-from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs
-from cdlm.alignment.distillm2 import DistiLLM2Collator, DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
-from cdlm.alignment.distillm2_losses import adaptive_alpha, likelihood_gap, skew_kl, skew_reverse_kl, forward_kl
+from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs
+from cdlm.alignment.distill.config import DistiLLM2Config
+from cdlm.alignment.distill.dataset import DistiLLM2Collator
+from cdlm.alignment.distill.metrics import distillation_metrics
+from cdlm.alignment.distill.trainer import DistiLLM2Trainer
+from cdlm.alignment.distill.losses import adaptive_alpha, likelihood_gap, skew_kl, skew_reverse_kl, forward_kl
 from cdlm.models.amateur import TokenizerMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from cdlm.eval_harness import gsm8k, hellaswag
 from cdlm.eval_harness.data import MalformedRowError, load_rows, read_jsonl, take, validate_rows
 from cdlm.eval_harness.metrics import (
     INVALID,
@@ -17,6 +16,7 @@ from cdlm.eval_harness.metrics import (
     multiple_choice_predictions,
     regex_extract,
 )
+from cdlm.eval_harness.tasks import gsm8k, gsm8k_cot, hellaswag
 
 ROW = {"question": "How many?", "answer": "2 + 3 = <<2+3=5>>5 apples\n#### 1,250"}
 
@@ -39,7 +39,7 @@ def test_gsm8k_scores_with_lm_eval_normalisation():
     assert scored["exact_match,flexible-extract"] == 1.0
     wrong = gsm8k.score(gsm8k.GSM8K, "#### 125", ROW)
     assert wrong["exact_match,strict-match"] == 0.0
-    cot = gsm8k.score(gsm8k.GSM8K_COT, "So 1000 + 250 = 1250. The answer is 1,250.", ROW)
+    cot = gsm8k.score(gsm8k_cot.GSM8K_COT, "So 1000 + 250 = 1250. The answer is 1,250.", ROW)
     assert cot["strict_answer"] == "1,250" and cot["exact_match,strict-match"] == 1.0
 
 
@@ -69,24 +69,38 @@ def test_gsm8k_prompt_format_and_fewshot_sampling():
 
     rng = random.Random(1234)  # lm-eval's sampler: one Random(1234), rnd.sample(train, 5) per doc in order
     first, second = rng.sample(train, 5), rng.sample(train, 5)
-    expected = "\n\n".join([f"Question: {d['question']}\nAnswer: {d['answer']}" for d in first] + ["Question: Q1?\nAnswer:"])
+    expected = "\n\n".join(
+        [f"Question: {d['question']}\nAnswer: {d['answer']}" for d in first] + ["Question: Q1?\nAnswer:"]
+    )
     assert prompts[0] == expected
     assert prompts[1].startswith(f"Question: {second[0]['question']}\nAnswer: ")
     assert gsm8k.contrastive_prompts(gsm8k.GSM8K, rows)[0] == "Question: Q1?\nAnswer:"
-    cot = gsm8k.build_prompts(gsm8k.GSM8K_COT, rows)[0]
-    assert cot.startswith("Q: There are 15 trees") and cot.endswith("\n\nQ: Q1?\nA:") and cot.count("The answer is") == 8
+    cot = gsm8k.build_prompts(gsm8k_cot.GSM8K_COT, rows)[0]
+    assert (
+        cot.startswith("Q: There are 15 trees") and cot.endswith("\n\nQ: Q1?\nA:") and cot.count("The answer is") == 8
+    )
 
 
 def test_hellaswag_preprocessing_matches_lm_eval():
     doc = hellaswag.process_doc(
-        {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-         "endings": ["is  using [title] wrap.", "b", "c", "d"], "label": "3"}
+        {
+            "activity_label": "Roof shingle removal",
+            "ctx_a": "A man is sitting on a roof.",
+            "ctx_b": "he",
+            "endings": ["is  using [title] wrap.", "b", "c", "d"],
+            "label": "3",
+        }
     )
     assert doc["query"] == "Roof shingle removal: A man is sitting on a roof. He"
     assert doc["choices"][0] == "is using. wrap."
     assert doc["gold"] == 3
     # empty ctx_b: the trailing space is stripped
-    assert hellaswag.process_doc({"activity_label": "X", "ctx_a": "a b.", "ctx_b": "", "endings": ["e"] * 4, "label": 0})["query"] == "X: a b."
+    assert (
+        hellaswag.process_doc({"activity_label": "X", "ctx_a": "a b.", "ctx_b": "", "endings": ["e"] * 4, "label": 0})[
+            "query"
+        ]
+        == "X: a b."
+    )
 
 
 def test_packaged_data_is_complete_and_matches_lm_eval_rendering():

@@ -28,7 +28,7 @@ def test_encode_pair_moves_trailing_space_and_splits_like_lm_eval(tiny_tokenizer
     context, continuation = encode_pair(tiny_tokenizer, "Hi there ", "you")
     assert context == tiny_tokenizer.encode("Hi there")
     whole = tiny_tokenizer.encode("Hi there you")
-    assert continuation == whole[len(context):]
+    assert continuation == whole[len(context) :]
     empty_context, _ = encode_pair(tiny_tokenizer, "", "abc")
     assert empty_context == [tiny_tokenizer.bos_token_id]
 
@@ -47,7 +47,13 @@ def _model(kind: str):
 
 @pytest.mark.parametrize(
     "kind, batch_size, packed",
-    [("llama", 3, True), ("llama", 1, True), ("llama-eager", 2, True), ("gemma3-wide-window", 3, True), ("gemma3", 3, False)],
+    [
+        ("llama", 3, True),
+        ("llama", 1, True),
+        ("llama-eager", 2, True),
+        ("gemma3-wide-window", 3, True),
+        ("gemma3", 3, False),
+    ],
 )
 def test_shared_context_equals_naive_full_forwards(tiny_tokenizer, kind, batch_size, packed):
     model = _model(kind)
@@ -86,13 +92,17 @@ def test_early_exit_amateur_scores_match_the_standalone_truncated_model(tiny_tok
         for a, b in zip(row_a, row_b):
             assert a.loglikelihood == pytest.approx(b.loglikelihood, abs=1e-4)
     expert, _ = score_requests(model, tiny_tokenizer, requests, batch_size=2)
-    assert any(abs(a.loglikelihood - e.loglikelihood) > 1e-2 for ra, re in zip(captured, expert) for a, e in zip(ra, re))
+    assert any(
+        abs(a.loglikelihood - e.loglikelihood) > 1e-2 for ra, re in zip(captured, expert) for a, e in zip(ra, re)
+    )
 
 
 def test_greedy_flag_is_true_for_the_models_own_argmax_continuation(tiny_llama, tiny_tokenizer):
     context = tiny_tokenizer.encode("The quick brown")
     with torch.inference_mode():
-        generated = tiny_llama.generate(torch.tensor([context]), max_new_tokens=4, do_sample=False)[0, len(context):].tolist()
+        generated = tiny_llama.generate(torch.tensor([context]), max_new_tokens=4, do_sample=False)[
+            0, len(context) :
+        ].tolist()
     text = tiny_tokenizer.decode(generated)
     request = encode_request(tiny_tokenizer, "The quick brown", [text, text + "zzz"])
     if request.continuations[0] != generated:
@@ -109,7 +119,9 @@ FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval_hellaswag_smollm2.json"
 def test_smollm2_hellaswag_logliks_match_stored_lm_eval_values(smollm2):
     """Stored lm-eval 0.4.13 per-choice log-likelihoods (same tokens) are reproduced within 1e-3."""
     fixture = json.loads(FIXTURE.read_text())
-    requests = [encode_request(smollm2.tokenizer, d["query"], [" " + c for c in d["choices"]]) for d in fixture["docs"]]
+    requests = [
+        encode_request(smollm2.tokenizer, d["query"], [" " + c for c in d["choices"]]) for d in fixture["docs"]
+    ]
     for request, doc in zip(requests, fixture["docs"]):
         assert request.context == doc["context_ids"] and request.continuations == doc["continuation_ids"]
     scores, _ = score_requests(smollm2.model, smollm2.tokenizer, requests, batch_size=4)

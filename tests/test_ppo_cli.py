@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--reward", "rule:gsm8k", "--contrastive-k", "0"], "--contrastive-k must be >= 1"),
+        (["--reward", "rule:gsm8k", "--contrastive-k", "0"], "contrastive_k must be >= 1"),
         (["--reward", "/no/such/model"], "reward model '/no/such/model' not found"),
         (["--reward", "rule:gsm8k", "--prompts-file", "/no/such.jsonl"], "prompts file"),
         (["--reward", "rule:gsm8k", "--rollout-batch-size", "3", "--mini-batch-size", "2"], "multiple of mini_batch_size"),
@@ -40,7 +40,7 @@ def test_rl_contrastive_end_to_end(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main([
         "rl", "--model", tiny_model_dir, "--reward", "rule:gsm8k", "--contrastive-k", "2", "--prompts-file", str(prompts),
-        "--iterations", "2", "--rollout-batch-size", "2", "--mini-batch-size", "1", "--max-new-tokens", "4",
+        "--num-iterations", "2", "--rollout-batch-size", "2", "--mini-batch-size", "1", "--max-new-tokens", "4",
         "--output-dir", str(out), "--lora-r", "2",
     ])
     captured = capsys.readouterr()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cdlm.alignment import ppo_core as core
+from cdlm.alignment.rl import core
 
 
 def test_gae_matches_hand_computed_example():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from cdlm.alignment.baselines import BaselineSettings, generate_baselines
-from cdlm.alignment.ppo import PPOConfig, PPOTrainer
-from cdlm.alignment.rewards import ContrastiveReward, GSM8KReward, arithmetic_problems
+from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
+from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+from cdlm.alignment.rl.problems import arithmetic_problems
+from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
 from cdlm.models.registry import get_registered
 
 pytestmark = pytest.mark.real_model

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from cdlm.alignment.ppo import PPOConfig, PPOTrainer
-from cdlm.alignment.rewards import ContrastiveReward
-from cdlm.alignment.rollout import render_prompts, response_mask, sample_responses
+from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+from cdlm.alignment.rl.rewards import ContrastiveReward
+from cdlm.alignment.rl.rollout import render_prompts, response_mask, sample_responses
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

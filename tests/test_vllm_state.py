@@ -21,29 +21,32 @@ from cdlm.decoding.contrastive_decoding import ContrastiveDecodingLogitsProcesso
 from cdlm.decoding.contrastive_input import ContrastiveInputLogitsProcessor
 from cdlm.decoding.vllm.amateurs import clear_amateurs, get_amateur, register_amateur
 from cdlm.decoding.vllm.core import ContrastiveProcessorCore
-from cdlm.decoding.vllm.params import EXTRA_ARGS_KEY, ContrastParams
-from cdlm.decoding.vllm.state import HFAmateur, RequestState, RequestTable
+from cdlm.decoding.vllm.params import ContrastParams
+from cdlm.decoding.vllm.state import BatchedAmateur, RequestState, RequestTable
 from cdlm.models.amateur import EarlyExitAmateur
 
 EOS = 2
 
 
 # ---------------------------------------------------------------- settings
-def test_params_round_trip_through_json_and_defaults_match_transformers_methods():
-    from cdlm.decoding.contrastive_decoding import ContrastiveDecodingMethod
-    from cdlm.decoding.contrastive_input import ContrastiveInputMethod
-
+def test_params_round_trip_through_json_and_use_the_contrast_modules_rule():
     cd = ContrastParams(method="cd", amateur="early-exit:8", beta=0.8, cd_formulation="li")
-    extra = json.loads(json.dumps(cd.to_extra_args()))  # what survives vLLM's IPC / the HTTP API
+    extra = json.loads(json.dumps(cd.to_extra_args()))  # what survives vLLM's IPC / the HTTP body's vllm_xargs
+    assert extra == {
+        "cdlm_method": "cd",
+        "cdlm_amateur": "early-exit:8",
+        "cdlm_alpha": 0.1,
+        "cdlm_beta": 0.8,
+        "cdlm_amateur_temperature": 1.0,
+        "cdlm_cd_formulation": "li",
+    }
     assert ContrastParams.from_extra_args(extra) == cd
     cid = ContrastParams(method="cid", contrastive_prompt_token_ids=[5, 6, 7])
     assert ContrastParams.from_extra_args(json.loads(json.dumps(cid.to_extra_args()))) == cid
     assert cid.amateur == "self" and cid.contrastive_prompt_token_ids == (5, 6, 7)
-    defaults = ContrastParams(method="cd", amateur="x")
-    for method_class in (ContrastiveDecodingMethod, ContrastiveInputMethod):
-        for param in method_class.params:
-            if hasattr(defaults, param.name):
-                assert getattr(defaults, param.name) == param.default, param.name
+    # the weight rule is contrast.py's: Li's CD ignores beta
+    assert ContrastParams(method="cd", amateur="x", cd_formulation="li", beta=3.0).settings.weight == 1.0
+    assert ContrastParams(method="cid", contrastive_prompt_token_ids=[1], cid_lambda=0.7).settings.weight == 0.7
 
 
 def test_non_contrastive_requests_parse_to_none():
@@ -55,86 +58,119 @@ def test_non_contrastive_requests_parse_to_none():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"method": "cs"}, "method must be one of"),
-        ({"method": "cd"}, "needs an amateur"),
+        ({"method": "cs"}, "cdlm_method must be one of"),
+        ({"beta": 0.5}, "without cdlm_method"),
+        ({"method": "cd"}, "needs cdlm_amateur"),
         ({"method": "cd", "amateur": "a", "alpha": 0.0}, "alpha"),
         ({"method": "cd", "amateur": "a", "alpha": 1.5}, "alpha"),
+        ({"method": "cd", "amateur": "a", "alpha": "high"}, "alpha"),
         ({"method": "cd", "amateur": "a", "beta": -1.0}, "beta"),
         ({"method": "cd", "amateur": "a", "amateur_temperature": 0}, "amateur_temperature"),
         ({"method": "cd", "amateur": "a", "alpha": float("nan")}, "finite"),
-        ({"method": "cd", "amateur": "a", "cd_formulation": "obrien"}, "cd_formulation"),
+        ({"method": "cd", "amateur": "a", "cd_formulation": "obrien"}, "formulation"),
+        ({"method": "cd", "amateur": "early-exit:x"}, "early-exit:N"),
+        ({"method": "cd", "amateur": "early-exit:0"}, "at least 1 layer"),
+        ({"method": "cd", "amateur": "a", "cid_lambda": 1.0}, "not setting"),
+        ({"method": "cid", "contrastive_prompt_token_ids": [1], "beta": 1.0}, "not setting"),
         ({"method": "cd", "amateur": "a", "contrastive_prompt_token_ids": [1]}, "only used by method 'cid'"),
-        ({"method": "cid"}, "needs contrastive_prompt_token_ids"),
+        ({"method": "cid"}, "needs cdlm_contrastive_prompt_token_ids"),
+        ({"method": "cid", "contrastive_prompt_token_ids": "1 2"}, "list of token ids"),
         ({"method": "cid", "contrastive_prompt_token_ids": [1, -3]}, "non-negative"),
-        ({"method": "cid", "contrastive_prompt_token_ids": [1], "amateur": "other"}, "contrasts the expert with itself"),
-        ({"method": "cid", "contrastive_prompt_token_ids": [1], "cid_lambda": -0.1}, "cid_lambda"),
-        ({"method": "cd", "amateur": "a", "lambda": 1}, "unknown cdlm contrastive setting"),
+        (
+            {"method": "cid", "contrastive_prompt_token_ids": [1], "amateur": "other"},
+            "contrasts the expert with itself",
+        ),
+        ({"method": "cid", "contrastive_prompt_token_ids": [1], "cid_lambda": -0.1}, "lambda"),
+        ({"method": "cd", "amateur": "a", "lambda": 1}, "unknown cdlm setting"),
     ],
 )
 def test_bad_settings_raise_value_errors_naming_the_problem(settings, message):
     with pytest.raises(ValueError, match=message):
-        ContrastParams.from_extra_args({EXTRA_ARGS_KEY: settings})
+        ContrastParams.from_extra_args({f"cdlm_{k}": v for k, v in settings.items()})
 
 
-def test_settings_must_be_a_dict():
-    with pytest.raises(ValueError, match="must be a dict"):
-        ContrastParams.from_extra_args({EXTRA_ARGS_KEY: "cd"})
+def test_a_nested_cdlm_dict_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="flat extra_args keys"):
+        ContrastParams.from_extra_args({"cdlm": {"method": "cd", "amateur": "a"}})
 
 
-def test_contrast_kwargs_mirror_the_transformers_processors():
-    assert ContrastParams(method="cd", amateur="a", beta=0.3).contrast_kwargs() == {
-        "alpha": 0.1, "weight": 0.3, "formulation": "obrien-lewis", "other_temperature": 1.0
-    }
-    assert ContrastParams(method="cd", amateur="a", cd_formulation="li", amateur_temperature=2.0).contrast_kwargs()["weight"] == 1.0
-    cid = ContrastParams(method="cid", contrastive_prompt_token_ids=[1], cid_lambda=0.7).contrast_kwargs()
-    assert cid == {"alpha": 0.1, "weight": 0.7, "formulation": "li", "other_temperature": 1.0}
+# ---------------------------------------------------------------- the batched amateur
+def _full_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0, -1].float()
 
 
-# ---------------------------------------------------------------- bookkeeping
-class _CountingAmateur:
-    def __init__(self):
-        self.fed: list[list[int]] = []
-
-    def advance(self, state: RequestState) -> torch.Tensor:
-        pending = state.pending_ids()
-        if pending:
-            self.fed.append(pending)
-            state.fed += len(pending)
-            state.last_logits = torch.tensor([float(state.fed)])
-        return state.last_logits
+def _state(prefix, output=None):
+    return RequestState(ContrastParams(method="cd", amateur="a"), list(prefix), [] if output is None else output)
 
 
-def test_state_feeds_only_unseen_tokens_and_tolerates_steps_without_new_tokens():
-    amateur = _CountingAmateur()
-    output: list[int] = []
-    state = RequestState(ContrastParams(method="cd", amateur="a"), [1, 2, 3], output, amateur)
-    state.amateur_logits()
-    state.amateur_logits()  # a chunked-prefill step: no new token, nothing fed
-    output.append(7)
-    state.amateur_logits()
-    output.extend([8, 9])  # two tokens arrived at once (e.g. a skipped step)
-    state.amateur_logits()
-    assert amateur.fed == [[1, 2, 3], [7], [8, 9]]
-    del output[:]  # the context shrank (never expected): start over rather than use a stale cache
-    state.amateur_logits()
-    assert amateur.fed[-1] == [1, 2, 3]
+def test_batched_amateur_equals_unbatched_recompute_as_rows_join_leave_and_stall():
+    """Rows of different lengths join at different steps, one skips a step (chunked prefill), one
+    leaves, one is re-added with its output (preemption): every row's logits equal a full batch-1
+    recompute of its context, with one decode forward per step (plus one prefill when rows join)."""
+    model = testing.tiny_llama(seed=1)
+    amateur = BatchedAmateur(model)
+    assert amateur.batched
+    a = _state([1, 50, 60, 70, 80, 90, 100])
+    b = _state([1, 40])
+    c = _state([1, 30, 31, 32])
+    live = [a, b]
+    for state in live:
+        amateur.join(state)
+    step_tokens = {a: [11, 12, 13, 14, 15, 16], b: [21, 22, 23, 24, 25, 26], c: [31, 32, 33, 34, 35, 36]}
+    for step in range(6):
+        forwards = amateur.forwards
+        joined = False
+        if step == 2:
+            amateur.join(c)
+            live.append(c)
+            joined = True
+        if step == 4:  # b is preempted: it leaves and comes back as a newcomer holding its output so far
+            amateur.leave(b)
+            assert amateur.rows == 2
+            amateur.join(b)
+            joined = True
+        got = amateur.logits(live)
+        assert amateur.forwards - forwards <= 1 + joined
+        for state, logits in zip(live, got):
+            torch.testing.assert_close(
+                logits, _full_logits(model, state.prefix + state.output_ids), rtol=1e-4, atol=1e-4
+            )
+        for state in live:
+            if not (state is c and step == 3):  # c produced no token at step 3 (a chunked-prefill step)
+                state.output_ids.append(step_tokens[state][step])
+    columns = amateur.cache_columns()
+    amateur.leave(a)  # the longest row leaves: its columns are cut
+    assert amateur.cache_columns() < columns
+    for state in list(live[1:]):
+        amateur.leave(state)
+    assert amateur.rows == 0 and amateur.cache_columns() == 0  # memory freed when the last request leaves
 
 
-def test_preempted_request_readded_with_output_feeds_prompt_and_output():
-    amateur = _CountingAmateur()
-    state = RequestState(ContrastParams(method="cd", amateur="a"), [1, 2], [5, 6], amateur)
-    state.amateur_logits()
-    assert amateur.fed == [[1, 2, 5, 6]]
+def test_models_with_sliding_window_layers_run_one_row_per_group():
+    model = testing.tiny_gemma3(seed=0)
+    amateur = BatchedAmateur(model)
+    assert not amateur.batched
+    states = [_state([1, 40, 41]), _state([1, 50, 51, 52, 53])]
+    for step in range(3):
+        got = amateur.logits(states)
+        for state, logits in zip(states, got):
+            torch.testing.assert_close(
+                logits, _full_logits(model, state.prefix + state.output_ids), rtol=1e-4, atol=1e-4
+            )
+        for state in states:
+            state.output_ids.append(60 + step)
 
 
 def test_placeholder_ids_from_async_scheduling_are_rejected():
-    state = RequestState(ContrastParams(method="cd", amateur="a"), [1], [-1], _CountingAmateur())
+    amateur = BatchedAmateur(testing.tiny_llama(seed=1))
     with pytest.raises(RuntimeError, match="async scheduling"):
-        state.amateur_logits()
+        amateur.logits([_state([1], [-1])])
 
 
-def test_request_table_applies_removed_added_moved_in_order():
-    table = RequestTable()
+def test_request_table_applies_removed_added_moved_in_order_and_reports_leavers():
+    left = []
+    table = RequestTable(on_remove=left.append)
     make = lambda params, prompt, output: None if params is None else params  # noqa: E731
     table.update([], [(0, "a", [1], []), (1, "b", [1], []), (2, None, [1], []), (3, "d", [1], [])], [], make)
     assert dict(table.items()) == {0: "a", 1: "b", 3: "d"}
@@ -145,6 +181,7 @@ def test_request_table_applies_removed_added_moved_in_order():
     # an added non-contrastive request replaces a contrastive one at the same index
     table.update([], [(2, None, [1], [])], [], make)
     assert dict(table.items()) == {0: "e", 1: "a"}
+    assert left == ["b", "d"]
 
 
 # ---------------------------------------------------------------- fake engine vs transformers
@@ -154,14 +191,25 @@ class _Params:
 
 
 class _FakeEngine:
-    """vLLM's v1 persistent-batch protocol, with the expert run by transformers (full recompute)."""
+    """vLLM's v1 persistent-batch protocol, with the expert run by transformers (full recompute).
 
-    def __init__(self, core: ContrastiveProcessorCore, expert, max_tokens: int, max_slots: int, swap_at: int = 2):
-        self.core, self.expert, self.max_tokens, self.max_slots, self.swap_at = core, expert, max_tokens, max_slots, swap_at
+    Requests fill freed slots, holes are condensed by one-way moves, two slots are swapped at
+    ``swap_at``, and at ``preempt_at`` (step, request) the request is preempted: removed, then
+    re-added later with its output so far, as vLLM's scheduler does. ``publish_early_exit`` (layer,
+    model) plays cdlm's engine model class: it publishes that model's logits for every row each step.
+    """
+
+    def __init__(self, core, expert, max_tokens, max_slots, swap_at=2, preempt_at=None, publish_early_exit=None):
+        self.core, self.expert, self.max_tokens, self.max_slots = core, expert, max_tokens, max_slots
+        self.swap_at, self.preempt_at, self.publish_early_exit = swap_at, preempt_at, publish_early_exit
+        self.steps = 0
 
     def run(self, requests: list[tuple[list[int], dict | None]]) -> list[list[int]]:
+        from cdlm.decoding.vllm.early_exit import publish
+
         waiting = deque(range(len(requests)))
         outputs = [[] for _ in requests]
+        limits = self.max_tokens if isinstance(self.max_tokens, list) else [self.max_tokens] * len(requests)
         slots: list[int | None] = []
         removed: list[int] = []
         step = 0
@@ -190,19 +238,29 @@ class _FakeEngine:
                 moved.append((0, 1, "SWAP"))
             self.core.update(removed, added, moved)
             removed = []
+            contexts = [requests[rid][0] + outputs[rid] for rid in slots]
             with torch.inference_mode():
-                logits = torch.stack(
-                    [self.expert(torch.tensor([requests[rid][0] + outputs[rid]])).logits[0, -1].float() for rid in slots]
-                )
+                logits = torch.stack([self.expert(torch.tensor([c])).logits[0, -1].float() for c in contexts])
+                if self.publish_early_exit is not None:
+                    layer, model = self.publish_early_exit
+                    publish(
+                        "fake-engine", {layer: torch.stack([model(torch.tensor([c])).logits[0, -1] for c in contexts])}
+                    )
                 logits = self.core.apply(logits)  # vLLM's sampler also runs under inference mode
             for index, rid in enumerate(slots):
                 token = int(logits[index].argmax())
                 outputs[rid].append(token)
-                if token == EOS or len(outputs[rid]) >= self.max_tokens:
+                if token == EOS or len(outputs[rid]) >= limits[rid]:
                     slots[index] = None
                     removed.append(index)
+            if self.preempt_at is not None and step == self.preempt_at[0] and self.preempt_at[1] in slots:
+                index = slots.index(self.preempt_at[1])
+                slots[index] = None
+                removed.append(index)
+                waiting.appendleft(self.preempt_at[1])  # re-added later with its output so far
             step += 1
         self.core.update(removed, [], [])  # the batch update vLLM sends before its next step
+        self.steps = step
         return outputs
 
 
@@ -210,22 +268,71 @@ def _reference(expert, prompt: list[int], processor, max_tokens: int) -> list[in
     ids = torch.tensor([prompt])
     kwargs = {"logits_processor": LogitsProcessorList([processor])} if processor is not None else {}
     with torch.inference_mode():
-        out = expert.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                              eos_token_id=EOS, pad_token_id=0, **kwargs)
-    return out[0, len(prompt):].tolist()
+        out = expert.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def _trim(tokens: list[int]) -> list[int]:
     return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
 
 
-def test_fake_engine_matches_transformers_processors_with_mixed_requests(tiny_tokenizer):
+class _CountingResolver:
+    """Resolves specs to one shared ``BatchedAmateur`` per model, as ``get_amateur`` does."""
+
+    def __init__(self, models: dict):
+        self.amateurs = {spec: BatchedAmateur(model) for spec, model in models.items()}
+
+    def __call__(self, spec, source, device, dtype):
+        return self.amateurs[spec]
+
+
+def _transformers_processor(s: ContrastParams, expert, amateur_model, contrastive):
+    if s is None:
+        return None
+    if s.method == "cd":
+        return ContrastiveDecodingLogitsProcessor(
+            amateur_model,
+            alpha=s.alpha,
+            beta=s.beta,
+            formulation=s.cd_formulation,
+            amateur_temperature=s.amateur_temperature,
+            pad_token_id=0,
+        )
+    return ContrastiveInputLogitsProcessor(
+        expert, torch.tensor([contrastive]), cid_lambda=s.cid_lambda, alpha=s.alpha, pad_token_id=0
+    )
+
+
+TEXTS = [
+    "The quick brown fox",
+    "Once upon a time",
+    "Hello",
+    "Numbers: 1 2 3",
+    "A cat sat",
+    "Why is the sky",
+    "Over the hills and far away",
+    "Tea",
+]
+
+
+@pytest.mark.parametrize("preempt", [None, (3, 0)], ids=["no-preemption", "preempt-request-0-at-step-3"])
+def test_fake_engine_matches_transformers_processors_with_mixed_requests(tiny_tokenizer, preempt):
+    """Mixed CD / CID / greedy requests of different lengths and output limits, finishing at
+    different steps, condensed, swapped and (optionally) preempted, equal transformers' processors,
+    with one amateur forward per step per amateur model (plus one prefill on steps where rows join)."""
     expert = testing.tiny_llama(seed=0)
     amateur_model = testing.tiny_llama(seed=1)
-    resolve = lambda spec, source, device, dtype: HFAmateur(expert if spec == "self" else amateur_model)  # noqa: E731
-    core = ContrastiveProcessorCore("unused", resolve_amateur=resolve)
-    texts = ["The quick brown fox", "Once upon a time", "Hello", "Numbers: 1 2 3", "A cat sat", "Why is the sky"]
-    prompts = [tiny_tokenizer(t)["input_ids"] for t in texts]
+    resolver = _CountingResolver({"tiny": amateur_model, "self": expert})
+    core = ContrastiveProcessorCore("unused", resolve_amateur=resolver)
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in TEXTS]
     contrastive = tiny_tokenizer("Generic text")["input_ids"]
     settings = [
         ContrastParams(method="cd", amateur="tiny", beta=0.5),
@@ -234,27 +341,47 @@ def test_fake_engine_matches_transformers_processors_with_mixed_requests(tiny_to
         ContrastParams(method="cd", amateur="tiny", cd_formulation="li", alpha=0.05, amateur_temperature=0.7),
         ContrastParams(method="cd", amateur="tiny", beta=1.0),
         ContrastParams(method="cid", contrastive_prompt_token_ids=contrastive, cid_lambda=0.0),
+        ContrastParams(method="cd", amateur="tiny", beta=0.5),
+        ContrastParams(method="cid", contrastive_prompt_token_ids=contrastive, cid_lambda=0.5),
     ]
-    max_tokens = 8
-    engine = _FakeEngine(core, expert, max_tokens=max_tokens, max_slots=3)
+    limits = [8, 5, 9, 3, 8, 6, 7, 4]  # requests finish at different steps
+    engine = _FakeEngine(core, expert, max_tokens=limits, max_slots=4, preempt_at=preempt)
     got = engine.run([(p, None if s is None else s.to_extra_args()) for p, s in zip(prompts, settings)])
     assert len(core.table) == 0  # every finished request was removed
-    for prompt, s, tokens in zip(prompts, settings, got):
-        if s is None:
-            processor = None
-        elif s.method == "cd":
-            processor = ContrastiveDecodingLogitsProcessor(
-                amateur_model, alpha=s.alpha, beta=s.beta, formulation=s.cd_formulation,
-                amateur_temperature=s.amateur_temperature, pad_token_id=0,
-            )
-        else:
-            processor = ContrastiveInputLogitsProcessor(
-                expert, torch.tensor([contrastive]), cid_lambda=s.cid_lambda, alpha=s.alpha, pad_token_id=0
-            )
-        assert _trim(tokens) == _trim(_reference(expert, prompt, processor, max_tokens)), s
+    for amateur in resolver.amateurs.values():
+        assert amateur.rows == 0 and amateur.cache_columns() == 0  # and its cache rows freed
+        assert amateur.forwards <= 2 * engine.steps  # decode + (on join steps) prefill, never per request
+    assert resolver.amateurs["tiny"].forwards < sum(
+        limits[i] for i, s in enumerate(settings) if s and s.method == "cd"
+    )
+    for prompt, s, tokens, limit in zip(prompts, settings, got, limits):
+        processor = _transformers_processor(s, expert, amateur_model, contrastive)
+        assert _trim(tokens) == _trim(_reference(expert, prompt, processor, limit)), s
     # the contrast actually changes something on these prompts (else the test would prove little)
-    plain = [_trim(_reference(expert, p, None, max_tokens)) for p in prompts]
+    plain = [_trim(_reference(expert, p, None, limit)) for p, limit in zip(prompts, limits)]
     assert any(_trim(g) != p for g, p, s in zip(got, plain, settings) if s is not None and s.method == "cd")
+
+
+def test_engine_early_exit_rows_match_the_transformers_early_exit_processor(tiny_tokenizer):
+    """Early-exit logits published by the engine's model (here: the fake engine) are used by row
+    index, through condensing moves and swaps, and give transformers' early-exit CD tokens."""
+    expert = testing.tiny_llama(seed=0)
+    early = EarlyExitAmateur(expert, 2).model
+    core = ContrastiveProcessorCore(
+        "unused", resolve_amateur=lambda *a: pytest.fail("no separate amateur"), engine_early_exit=("fake-engine", [2])
+    )
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in TEXTS[:6]]
+    settings = [ContrastParams(method="cd", amateur="early-exit:2", beta=b) for b in (0.5, 1.0, 0.5, 2.0, 0.1, 0.5)]
+    settings[2] = None
+    limits = [6, 3, 5, 7, 4, 6]
+    engine = _FakeEngine(core, expert, max_tokens=limits, max_slots=3, publish_early_exit=(2, early))
+    got = engine.run([(p, None if s is None else s.to_extra_args()) for p, s in zip(prompts, settings)])
+    for prompt, s, tokens, limit in zip(prompts, settings, got, limits):
+        assert _trim(tokens) == _trim(
+            _reference(expert, prompt, _transformers_processor(s, expert, early, None), limit)
+        )
+    plain = [_trim(_reference(expert, p, None, limit)) for p, limit in zip(prompts, limits)]
+    assert any(_trim(g) != p for g, p, s in zip(got, plain, settings) if s is not None)
 
 
 def test_rows_of_non_contrastive_requests_are_untouched():
@@ -287,20 +414,6 @@ def test_get_amateur_builds_early_exit_and_self_from_the_served_folder(tmp_path,
         clear_amateurs()
 
 
-def test_hf_amateur_cache_matches_full_recompute():
-    model = testing.tiny_llama(seed=1)
-    amateur = HFAmateur(model)
-    output: list[int] = []
-    state = RequestState(ContrastParams(method="cd", amateur="a"), [1, 50, 60], output, amateur)
-    for token in (70, 80, 90, None):
-        logits = state.amateur_logits()
-        with torch.inference_mode():
-            full = model(torch.tensor([[1, 50, 60] + output])).logits[0, -1]
-        torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
-        if token is not None:
-            output.append(token)
-
-
 # ---------------------------------------------------------------- backend helpers (no vLLM needed)
 def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_tokenizer):
     from cdlm.decoding.contrastive_decoding import ContrastiveDecodingMethod
@@ -311,8 +424,9 @@ def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_toke
     method = ContrastiveDecodingMethod(expert, tiny_tokenizer, amateur=EarlyExitAmateur(expert, 2), beta=0.7)
     name, params, spec = _method_spec(method, None, None)
     assert (name, spec, params["beta"], params["cd_formulation"]) == ("cd", "early-exit:2", 0.7, "obrien-lewis")
-    separate = make_separate_amateur(expert, tiny_tokenizer, testing.tiny_llama(seed=1), testing.tiny_tokenizer(),
-                                     amateur_name="tiny-1")
+    separate = make_separate_amateur(
+        expert, tiny_tokenizer, testing.tiny_llama(seed=1), testing.tiny_tokenizer(), amateur_name="tiny-1"
+    )
     clear_amateurs()
     try:
         _, _, spec = _method_spec(ContrastiveDecodingMethod(expert, tiny_tokenizer, amateur=separate), None, None)
@@ -329,3 +443,46 @@ def test_token_stripping_stops_at_eos_and_drops_trailing_padding():
     for ids, expected in cases.items():
         assert strip_generated(list(ids), {2}, 0) == expected
     assert strip_generated([5, 2, 2], {2}, 2) == [5]  # pad == eos: the first EOS ends the text
+
+
+# ---------------------------------------------------------------- cdlm serve's command line (server: test_vllm_server)
+def test_serve_command_loads_the_processor_by_name_with_early_exit_and_extra_vllm_args(tmp_path):
+    import shlex
+
+    from cdlm.cli import build_parser
+    from cdlm.cli.serve_cmd import PROCESSOR, vllm_serve_argv
+    from cdlm.decoding.vllm.early_exit import CONFIG_KEY
+
+    testing.tiny_llama(seed=0).save_pretrained(tmp_path)
+    args = build_parser().parse_args(
+        [
+            "serve",
+            str(tmp_path),
+            "--dtype",
+            "float32",
+            "--early-exit-layers",
+            "3",
+            "1",
+            "--vllm-args",
+            "--generation-config vllm --seed 3",
+        ]
+    )
+    argv = vllm_serve_argv(args)
+    joined = shlex.join(argv)
+    assert argv[argv.index("--logits-processors") + 1] == PROCESSOR
+    assert "--no-async-scheduling" in argv and argv[argv.index("--host") + 1] == "127.0.0.1"
+    overrides = json.loads(argv[argv.index("--hf-overrides") + 1])
+    assert overrides == {"architectures": ["CdlmLlamaForCausalLM"], CONFIG_KEY: [1, 3]}
+    assert joined.endswith("--generation-config vllm --seed 3")
+    bad = build_parser().parse_args(["serve", str(tmp_path), "--dtype", "float32", "--tensor-parallel-size", "0"])
+    with pytest.raises(ValueError, match="--tensor-parallel-size must be >= 1"):
+        vllm_serve_argv(bad)
+
+
+def test_early_exit_capture_is_refused_for_architectures_without_aux_hidden_states():
+    from cdlm.decoding.vllm.early_exit import engine_overrides
+
+    with pytest.raises(ValueError, match="Gemma3ForCausalLM"):
+        engine_overrides("Gemma3ForCausalLM", [4])
+    with pytest.raises(ValueError, match=">= 1"):
+        engine_overrides("LlamaForCausalLM", [0])

@@ -1,22 +1,50 @@
-"""Preference and distillation trainers built on TRL and PEFT."""
+"""Train-time contrast on TRL + PEFT, in three families:
 
-# DistiLLM-2 contrastive distillation (helper-5 area).
-from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics  # noqa: E402
-from cdlm.alignment.distill_data import PairGenerationSettings, SamplingSettings, generate_pairs  # noqa: E402
+- :mod:`cdlm.alignment.preference`: DPO, APO-zero, APO-down, CPO, SparsePO (``PreferenceConfig`` + ``PreferenceTrainer``).
+- :mod:`cdlm.alignment.distill`: DistiLLM-2 contrastive distillation (``DistiLLM2Config`` + ``DistiLLM2Trainer``).
+- :mod:`cdlm.alignment.rl`: PPO with contrastive rewards (``PPOConfig`` + ``PPOTrainer``) and reward functions.
 
-# Preference optimisation: DPO, APO-zero, APO-down, CPO, SparsePO (helper-4 area).
-from cdlm.alignment.config import METHODS as PREFERENCE_METHODS, PreferenceConfig  # noqa: E402
-from cdlm.alignment.data import load_default_splits, load_preference_dataset, validate_preference_dataset  # noqa: E402
-from cdlm.alignment.trainer import PreferenceTrainer, load_sparse_masks  # noqa: E402
+Model-side pieces all three share (EOS ids, prompt rendering, the LM head) live in :mod:`cdlm.models`.
+Every public name below is importable from here; its module is imported on first use, so PPO users
+never load TRL's DPO machinery.
+"""
 
-# PPO with contrastive rewards (helper-6 area).
-from cdlm.alignment.baselines import BaselineCache, BaselineSettings, generate_baselines  # noqa: E402
-from cdlm.alignment.ppo import ContrastivePPOConfig, PPOConfig, PPOTrainer  # noqa: E402
-from cdlm.alignment.rewards import (  # noqa: E402
-    ContrastiveReward,
-    GSM8KReward,
-    SequenceClassificationReward,
-    as_trl_reward_func,
-    load_reward,
-    train_reward_model,
-)
+from cdlm._lazy import lazy_exports
+
+_EXPORTS = {
+    # preference optimisation
+    "PREFERENCE_METHODS": "cdlm.alignment.preference.config:METHODS",
+    "PreferenceConfig": "cdlm.alignment.preference.config",
+    "PreferenceTrainer": "cdlm.alignment.preference.trainer",
+    "load_sparse_masks": "cdlm.alignment.preference.trainer",
+    "load_default_splits": "cdlm.alignment.preference.data",
+    "load_preference_dataset": "cdlm.alignment.preference.data",
+    "validate_preference_dataset": "cdlm.alignment.preference.data",
+    "with_explicit_prompt": "cdlm.alignment.preference.data",
+    "CHESSettings": "cdlm.alignment.preference.ches",
+    "score_ches": "cdlm.alignment.preference.ches:score_pairs",
+    "DisplacementCallback": "cdlm.alignment.preference.displacement",
+    # DistiLLM-2
+    "DistiLLM2Config": "cdlm.alignment.distill.config",
+    "DistiLLM2Trainer": "cdlm.alignment.distill.trainer",
+    "distillation_metrics": "cdlm.alignment.distill.metrics",
+    "PairGenerationSettings": "cdlm.alignment.distill.pairs",
+    "SamplingSettings": "cdlm.alignment.distill.pairs",
+    "generate_pairs": "cdlm.alignment.distill.pairs",
+    # RL
+    "PPOConfig": "cdlm.alignment.rl.config",
+    "ContrastivePPOConfig": "cdlm.alignment.rl.config",
+    "PPOTrainer": "cdlm.alignment.rl.trainer",
+    "BaselineCache": "cdlm.alignment.rl.baselines",
+    "BaselineSettings": "cdlm.alignment.rl.baselines",
+    "generate_baselines": "cdlm.alignment.rl.baselines",
+    "ContrastiveReward": "cdlm.alignment.rl.rewards",
+    "GSM8KReward": "cdlm.alignment.rl.rewards",
+    "SequenceClassificationReward": "cdlm.alignment.rl.rewards",
+    "as_trl_reward_func": "cdlm.alignment.rl.rewards",
+    "load_reward": "cdlm.alignment.rl.rewards",
+    "train_reward_model": "cdlm.alignment.rl.reward_model",
+    "arithmetic_problems": "cdlm.alignment.rl.problems",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,12 +1,19 @@
-"""The ``cdlm`` command line. Each sub-command lives in its own module with a ``register`` function."""
+"""The ``cdlm`` command line. Each sub-command lives in its own module with a ``register`` function.
+
+Building the parser imports every command module, so their top level and ``register`` stay free of
+torch, transformers and TRL (imported inside ``run``): ``cdlm --help`` and ``cdlm CMD --help`` stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cdlm import __version__
+from cdlm.cli.common import apply_runtime_arguments
+from cdlm.errors import USER_ERRORS
 
 # Sub-command modules, in --help order. A module that is absent (an optional area not installed)
 # is skipped so the rest of the CLI keeps working.
@@ -17,10 +24,10 @@ COMMAND_MODULES = [
     "cdlm.cli.train_cmd",
     "cdlm.cli.distill_cmd",
     "cdlm.cli.rl_cmd",
+    "cdlm.cli.data_cmd",
+    "cdlm.cli.isotropy_cmd",
+    "cdlm.cli.serve_cmd",
 ]
-
-# Errors that are the user's to fix: shown as one line, without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from cdlm.models.loading import offline_by_default
+def offline_by_default() -> None:
+    """Command-line defaults: no network is expected, so never wait on a hub that cannot answer."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
 
+
+def main(argv: list[str] | None = None) -> int:
     offline_by_default()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        apply_runtime_arguments(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("cdlm: interrupted", file=sys.stderr)

@@ -4,18 +4,48 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from cdlm.decoding.methods import _METHODS, DecodingMethod, Param, get_method
-from cdlm.models import DEFAULT_MODEL, LoadedModel, load_amateur, load_model
+from cdlm.models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # loading imports torch: only inside the functions that load
+    from cdlm.models.loading import LoadedModel
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, GGUF file, folder or hub id (default: {DEFAULT_MODEL})")
     group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder or hub repo")
-    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_runtime_arguments(group)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_runtime_arguments(group) -> None:
+    """Flags every command that runs a model takes: CPU threads, tracebacks, progress bars."""
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--debug", action="store_true", help="show full tracebacks")
+    group.add_argument("--verbose", action="store_true", help="show library progress bars (tokenizing, weight loading)")
+
+
+def apply_runtime_arguments(args: argparse.Namespace) -> None:
+    """Called by the CLI before a command runs: quiet progress bars, thread count (validated first)."""
+    import os
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if not getattr(args, "verbose", False):
+        for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+            os.environ.setdefault(name, "1")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _method_params() -> dict[str, list[tuple[str, Param]]]:
@@ -58,6 +88,8 @@ def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amate
     if method_class.needs_amateur:
         spec = args.amateur or "early-exit:" + str(max(1, _num_layers(expert) // 4))
         if spec not in amateur_cache:
+            from cdlm.models.loading import load_amateur
+
             amateur_cache[spec] = load_amateur(spec, expert, dtype=args.dtype)
         amateur = amateur_cache[spec]
     return method_class(expert.model, expert.tokenizer, amateur=amateur, **params)
@@ -68,6 +100,8 @@ def _num_layers(expert: LoadedModel) -> int:
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    from cdlm.models.loading import load_model
+
     loaded = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
     cache = {None: "", True: ", cache hit", False: ", cache built"}[loaded.cache_hit]
     progress(f"loaded {loaded.source} in {loaded.load_seconds:.1f}s{cache} ({loaded.details['device']}, {loaded.details['dtype']})")
@@ -83,18 +117,39 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def generator_from_args(args: argparse.Namespace):
+def generator_from_args(args: argparse.Namespace, **engine_options):
     """The function that generates text for ``args.backend``, with ``cdlm.decoding.runner.generate``'s
-    signature, so commands switch backends without knowing which one they use."""
+    signature, so commands switch backends without knowing which one they use. ``engine_options``
+    (e.g. ``tensor_parallel_size``) go to the vLLM engine."""
     if args.backend != "vllm":
         from cdlm.decoding.runner import generate
 
         return generate
     from cdlm.decoding.vllm import load_vllm, runner_compatible
 
-    engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size)
+    engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size, **engine_options)
     return runner_compatible(engine)
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def read_text_lines(path: str, flag: str, what: str = "lines") -> list[str]:
+    """The non-blank lines of a UTF-8 text file given by ``flag``; a directory, a missing or non-UTF-8
+    file, or one without a single non-blank line is a one-line ``ValueError`` naming the flag and file."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a text file with one of the {what} per line")
+    if not file.is_file():
+        raise ValueError(f"{flag} {path} does not exist")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    kept = [line for line in lines if line.strip()]
+    if not kept:
+        raise ValueError(f"{flag} {path} has no {what} (it is empty or holds only blank lines)")
+    return kept

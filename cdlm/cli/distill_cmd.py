@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdlm.cli.common import progress
+from cdlm.cli.common import DTYPES, add_runtime_arguments, progress
+from cdlm.cli.training import TrainingCommand
 
 
 def register(subparsers) -> None:
@@ -37,43 +39,38 @@ def register(subparsers) -> None:
                      "student must be servable references: registered names, GGUF files or folders)")
     gen.set_defaults(func=run_generate)
 
-    train = actions.add_parser("train", help="train the student with DistiLLM-2 (or CALD / plain KD) on a pair file")
+    train = actions.add_parser(
+        "train",
+        help="train the student with DistiLLM-2 (or CALD / plain KD) on a pair file",
+        description="Train the student on teacher/student response pairs. Settings: DistiLLM2Config defaults < "
+        "--config YAML < flags; rerunning into the same --output-dir resumes after checking the settings.",
+    )
     _add_models(train)
-    train.add_argument("--pairs", required=True, help="pair file from `cdlm distill generate`")
-    train.add_argument("--eval-pairs", default=None, help="held-out pair file: agreement metrics before/after")
-    train.add_argument("--output-dir", required=True, help="where the trained student (and tokenizer) is saved")
-    train.add_argument("--loss-type", default="distillm2", choices=["distillm2", "cald", "skl", "srkl", "fkl"])
-    train.add_argument("--alpha", type=float, default=0.1, help="skew, in (0, 1)")
-    train.add_argument("--beta", type=float, default=0.5, help="weight of SRKL on student responses, in [0, 1]")
-    train.add_argument("--beta-schedule", default="constant", choices=["constant", "linear"])
-    train.add_argument("--beta-increase", type=float, default=0.5)
-    train.add_argument("--beta-max", type=float, default=1.0)
-    train.add_argument("--adaptive-alpha", action="store_true", help="per-sample alpha curriculum (Algorithm 1)")
-    train.add_argument("--alpha-min", type=float, default=0.01)
-    train.add_argument("--epochs", type=float, default=1.0)
-    train.add_argument("--max-steps", type=int, default=-1)
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=5e-5)
-    train.add_argument("--max-length", type=int, default=1024)
-    train.add_argument("--chunk-size", type=int, default=256)
-    train.add_argument("--lora-r", type=int, default=0, help="LoRA rank; 0 trains all weights (default)")
-    train.add_argument("--lora-alpha", type=int, default=16)
-    train.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    train.add_argument("--resample-every-epoch", action="store_true", help="on-policy: regenerate student responses each epoch")
-    train.add_argument("--resample-max-new-tokens", type=int, default=128)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--logging-steps", type=int, default=10)
+    TRAIN_COMMAND.add_arguments(train)
     train.set_defaults(func=run_train)
+
+
+@dataclass
+class DistillDataArguments:
+    """Which pair files ``cdlm distill train`` reads."""
+
+    pairs: str | None = field(default=None, metadata={"help": "pair file from `cdlm distill generate` (required)"})
+    eval_pairs: str | None = field(default=None, metadata={"help": "held-out pair file: agreement metrics before/after"})
+
+
+TRAIN_COMMAND = TrainingCommand(
+    name="distill train", config_class="cdlm.alignment.distill.config:DistiLLM2Config", config_fields=("max_length",),
+    data_class=DistillDataArguments,
+)
 
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--teacher", required=True, help="teacher: registered name, folder, GGUF file or hub id")
     group.add_argument("--student", required=True, help="student (shares the teacher's tokenizer): same kinds of reference")
-    group.add_argument("--dtype", default="auto")
-    group.add_argument("--device", default="auto")
-    group.add_argument("--debug", action="store_true", help="show full tracebacks")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_runtime_arguments(group)
 
 
 def _load_pair(args: argparse.Namespace, *, student_dtype: str | None = None):
@@ -88,7 +85,7 @@ def _load_pair(args: argparse.Namespace, *, student_dtype: str | None = None):
 
 
 def _sampling(temperature: float, top_p: float):
-    from cdlm.alignment.distill_data import SamplingSettings
+    from cdlm.alignment.distill.pairs import SamplingSettings
 
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -98,7 +95,7 @@ def _sampling(temperature: float, top_p: float):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from cdlm.alignment.distill_data import PairGenerationSettings, generate_pairs, read_prompts
+    from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs, read_prompts
 
     prompts = read_prompts(args.prompts_file, args.prompt_field, args.limit)
     settings = PairGenerationSettings(
@@ -137,49 +134,20 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from cdlm.alignment.distill_data import read_pairs
-    from cdlm.alignment.distillm2 import DistiLLM2Config, DistiLLM2Trainer, distillation_metrics
+    from cdlm.alignment.distill.metrics import distillation_metrics
+    from cdlm.alignment.distill.pairs import read_pairs
+    from cdlm.alignment.distill.trainer import DistiLLM2Trainer
 
-    # Build the config first: bad alpha/beta/loss settings fail before any model is loaded.
-    config = DistiLLM2Config(
-        output_dir=args.output_dir,
-        loss_type=args.loss_type,
-        alpha=args.alpha,
-        beta=args.beta,
-        beta_schedule=args.beta_schedule,
-        beta_increase=args.beta_increase,
-        beta_max=args.beta_max,
-        adaptive_alpha=args.adaptive_alpha,
-        alpha_min=args.alpha_min,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        max_length=args.max_length,
-        chunk_size=args.chunk_size,
-        resample_student_every_epoch=args.resample_every_epoch,
-        resample_max_new_tokens=args.resample_max_new_tokens,
-        seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        bf16=False,
-        gradient_checkpointing=False,
-        use_cpu=args.device == "cpu",
-        dataloader_pin_memory=args.device != "cpu",
-    )
-    pairs = read_pairs(args.pairs)
-    eval_pairs = read_pairs(args.eval_pairs) if args.eval_pairs else None
+    # Everything cheap is validated before a model is loaded or anything is written.
+    settings = TRAIN_COMMAND.resolve(args)
+    config, data = settings.config, settings.data
+    if not data.pairs:
+        raise ValueError("--pairs is required: a pair file from `cdlm distill generate`")
+    pairs = read_pairs(data.pairs)
+    eval_pairs = read_pairs(data.eval_pairs) if data.eval_pairs else None
     teacher, student = _load_pair(args, student_dtype="float32")
-    peft_config = None
-    if args.lora_r > 0:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM"
-        )
+    resume = settings.prepare_output(args, student)
+    peft_config = settings.lora.peft_config()
     trainer = DistiLLM2Trainer(
         student.model,
         teacher.model,
@@ -189,21 +157,22 @@ def run_train(args: argparse.Namespace) -> int:
         teacher_processing_class=teacher.tokenizer,
         peft_config=peft_config,
     )
-    report: dict = {"pairs": len(pairs), "loss_type": args.loss_type}
+    report: dict = {"pairs": len(pairs), "loss_type": config.loss_type}
     pad = student.tokenizer.pad_token_id
     if eval_pairs:
         report["before"] = distillation_metrics(trainer.model, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     report["train_loss"] = result.training_loss
     trained = trainer.model
     if peft_config is not None:
         trained = trained.merge_and_unload()
     if eval_pairs:
         report["after"] = distillation_metrics(trained, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
-    output = Path(args.output_dir)
-    trained.save_pretrained(output)
-    student.tokenizer.save_pretrained(output)
-    (output / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    progress(f"saved the student to {output} (use it as an amateur: --amateur {output})")
-    print(json.dumps(report))
+    if trainer.is_world_process_zero():
+        output = Path(config.output_dir)
+        trained.save_pretrained(output)
+        student.tokenizer.save_pretrained(output)
+        (output / "distill_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        progress(f"saved the student to {output} (use it as an amateur: --amateur {output})")
+        print(json.dumps(report))
     return 0

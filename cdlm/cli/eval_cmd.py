@@ -1,4 +1,7 @@
-"""``cdlm eval`` (one task, one method) and ``cdlm compare`` (several methods, same examples, one table/plot)."""
+"""``cdlm eval`` (one task, one method) and ``cdlm compare`` (several methods, same examples, one table/plot).
+
+Both run data-parallel under ``torchrun --nproc_per_node N`` (see ``cdlm.eval_harness.distributed``).
+"""
 
 from __future__ import annotations
 
@@ -16,23 +19,48 @@ from cdlm.cli.common import (
     progress,
 )
 from cdlm.decoding.methods import _METHODS
-
-TASK_CHOICES = ("gsm8k", "gsm8k_cot", "hellaswag")
+from cdlm.eval_harness.task import task_names
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("task")
-    group.add_argument("--task", required=True, help=f"one of {', '.join(TASK_CHOICES)}")
+    group.add_argument("--task", required=True, help=f"one of {', '.join(task_names())}")
     group.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples (N > 0)")
-    group.add_argument("--num-fewshot", type=int, default=None, help="few-shot exemplars (default: gsm8k 5, gsm8k_cot 8, hellaswag 0)")
-    group.add_argument("--data", default=None, help="a jsonl(.gz) file of task rows, or 'hub' (default: the packaged copy)")
+    group.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot exemplars (default: gsm8k 5, gsm8k_cot 8, hellaswag 0)"
+    )
+    group.add_argument(
+        "--data", default=None, help="a jsonl(.gz) file of task rows, or 'hub' (default: the packaged copy)"
+    )
     group.add_argument("--fewshot-data", default=None, help="gsm8k: jsonl file of train rows for the exemplars")
     group.add_argument("--max-new-tokens", type=int, default=256, help="generation tasks: token budget (lm-eval: 256)")
     group.add_argument("--batch-size", type=int, default=8, help="examples per forward/generate batch")
     group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--naive-scoring", action="store_true", help="hellaswag: one full forward per ending (lm-eval style)")
-    group.add_argument("--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming")
-    add_backend_argument(group)
+    group.add_argument(
+        "--naive-scoring", action="store_true", help="hellaswag: one full forward per ending (lm-eval style)"
+    )
+    group.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="render each prompt as one user turn of the model's chat template (lm-eval's --apply_chat_template)",
+    )
+    group.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task-specific setting (repeatable; e.g. openended: domain=wikihow); recorded in the run signature",
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="discard a previous run in --output-dir instead of resuming"
+    )
+    add_backend_argument(group)  # type: ignore[arg-type]
+    group.add_argument(
+        "--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per engine (tensor parallel)"
+    )
+    group.add_argument(
+        "--data-parallel-size", type=int, default=1, help="vLLM backend: engine replicas (data parallel)"
+    )
 
 
 def register(subparsers) -> None:
@@ -56,17 +84,20 @@ def register(subparsers) -> None:
     )
     add_model_arguments(compare)
     add_method_arguments(compare, multiple=True)
-    compare.add_argument("--methods", default=None, help="comma-separated methods, e.g. greedy,cd,cs")
     _add_task_arguments(compare)
-    compare.add_argument("--output-dir", default=None, help="folder for per-method runs + compare.{json,md,png} (default: runs/compare/<task>)")
+    compare.add_argument(
+        "--output-dir",
+        default=None,
+        help="folder for per-method runs + compare.{json,md,png} (default: runs/compare/<task>)",
+    )
     compare.set_defaults(func=run_compare)
 
 
 def _check_task_and_methods(task: str, methods: list[str], backend: str) -> None:
     from cdlm.eval_harness.evaluate import check_backend
 
-    if task not in TASK_CHOICES:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_CHOICES)}")
+    if task not in task_names():
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(task_names())}")
     check_backend(task, backend)
     for name in methods:
         if name not in _METHODS:
@@ -90,7 +121,55 @@ def _config(args: argparse.Namespace):
         batch_size=args.batch_size,
         seed=args.seed,
         shared_context=not args.naive_scoring,
+        apply_chat_template=args.apply_chat_template,
+        extra=_task_options(args.task_option),
     )
+
+
+def _task_options(pairs: list[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"--task-option takes KEY=VALUE, got {pair!r}")
+        if key.strip() in options:
+            raise ValueError(f"--task-option {key.strip()!r} is given twice")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """The vLLM engine's parallelism options (only those asked for, so the defaults stay vLLM's)."""
+    for flag in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        if getattr(args, flag) > 1 and args.backend != "vllm":
+            raise ValueError(f"--{flag.replace('_', '-')} is a vLLM engine option; add --backend vllm")
+    return {k: getattr(args, k) for k in ("tensor_parallel_size", "data_parallel_size") if getattr(args, k) > 1}
+
+
+def _prepare(args: argparse.Namespace):
+    """Validate everything that needs no model (task data, few-shot settings, engine options), join the
+    process group when launched by torchrun, and load the model on this rank's device."""
+    from cdlm.eval_harness import prepare
+    from cdlm.eval_harness.distributed import init_from_launcher, local_device
+
+    config = _config(args)
+    prepared = prepare(config)
+    engine_options = _engine_options(args)
+    shard = init_from_launcher()
+    args.device = local_device(args.device, shard)
+    loaded = load_from_args(args)
+    return config, prepared, engine_options, shard, loaded
+
+
+def _write_lm_eval_layout(result: dict, output: Path) -> Path:
+    from cdlm.eval_harness.records import atomic_write_json
+    from cdlm.eval_harness.report import lm_eval_layout
+
+    path = output / "results_lm_eval.json"
+    atomic_write_json(path, lm_eval_layout(result))
+    return path
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -98,18 +177,29 @@ def run_eval(args: argparse.Namespace) -> int:
     from cdlm.eval_harness.report import text_table
 
     _check_task_and_methods(args.task, [args.method], args.backend)
-    config = _config(args)
-    loaded = load_from_args(args)
+    config, prepared, engine_options, shard, loaded = _prepare(args)
     method = build_method(args.method, args, loaded, {})
     output = Path(args.output_dir or f"runs/eval/{args.task}-{args.method}")
     result = evaluate(
-        loaded, method, config, output, overwrite=args.overwrite, generate_fn=generator_from_args(args), progress=progress
+        loaded,
+        method,
+        config,
+        output,
+        overwrite=args.overwrite,
+        generate_fn=generator_from_args(args, **engine_options),
+        progress=progress,
+        prepared=prepared,
+        shard=shard,
     )
+    if not shard.is_main:
+        return 0
+    lm_eval_path = _write_lm_eval_layout(result, output)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(text_table([result]), end="")
-        progress(f"results: {output / 'results.json'}; per-example outputs: {output / 'samples.jsonl'}")
+        progress(f"results: {output / 'results.json'} (lm-eval layout: {lm_eval_path.name})")
+        progress(f"per-example outputs: {output / 'samples.jsonl'}")
     return 0
 
 
@@ -118,23 +208,39 @@ def run_compare(args: argparse.Namespace) -> int:
     from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
     from cdlm.eval_harness.report import markdown_table, plot, text_table
 
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] + list(args.method or [])
-    methods = list(dict.fromkeys(methods or ["greedy"]))
+    methods = list(dict.fromkeys(args.method or ["greedy"]))
     _check_task_and_methods(args.task, methods, args.backend)
-    config = _config(args)
-    loaded = load_from_args(args)
-    generate_fn = generator_from_args(args)
+    config, prepared, engine_options, shard, loaded = _prepare(args)
+    generate_fn = generator_from_args(args, **engine_options)
     output = Path(args.output_dir or f"runs/compare/{args.task}")
     amateurs: dict = {}
     results = []
     for name in methods:
         method = build_method(name, args, loaded, amateurs)
         results.append(
-            evaluate(loaded, method, config, output / name, overwrite=args.overwrite, generate_fn=generate_fn, progress=progress)
+            evaluate(
+                loaded,
+                method,
+                config,
+                output / name,
+                overwrite=args.overwrite,
+                generate_fn=generate_fn,
+                progress=progress,
+                prepared=prepared,
+                shard=shard,
+            )
         )
+        if shard.is_main:
+            _write_lm_eval_layout(results[-1], output / name)
+    if not shard.is_main:
+        return 0
     atomic_write_json(output / "compare.json", {"task": args.task, "methods": methods, "runs": results})
     atomic_write_text(output / "compare.md", markdown_table(results))
-    picture = plot(results, output / "compare.png", title=f"{args.task} ({loaded.reference}, n={results[0]['n_samples']})")
+    picture = plot(
+        results, output / "compare.png", title=f"{args.task} ({loaded.reference}, n={results[0]['n_samples']})"
+    )
     print(text_table(results), end="")
-    progress(f"table: {output / 'compare.md'}" + (f"; plot: {picture}" if picture else " (install matplotlib for a plot)"))
+    progress(
+        f"table: {output / 'compare.md'}" + (f"; plot: {picture}" if picture else " (install matplotlib for a plot)")
+    )
     return 0

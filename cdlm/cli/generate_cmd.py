@@ -13,6 +13,7 @@ from cdlm.cli.common import (
     generator_from_args,
     load_from_args,
     progress,
+    read_text_lines,
 )
 
 # (prompt, contrastive prompt) pairs for the demo: contrastive input decoding favours what the
@@ -32,33 +33,30 @@ def register(subparsers) -> None:
     )
     add_model_arguments(parser)
     add_method_arguments(parser, multiple=True)
-    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three demo prompts)")
+    parser.add_argument(
+        "--prompt", action="append", default=None, help="a prompt (repeatable; default: three demo prompts)"
+    )
     parser.add_argument("--prompts-file", default=None, help="text file, one prompt per line")
-    parser.add_argument("--contrastive-prompt", action="append", default=None, help="contrastive input per prompt (cid)")
+    parser.add_argument(
+        "--contrastive-prompt", action="append", default=None, help="contrastive input per prompt (cid)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
+    parser.add_argument(
+        "--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     add_backend_argument(parser)
     parser.set_defaults(func=run)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then --prompts-file lines; the demo prompts only when neither was given."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as handle:
-            prompts += [line.rstrip("\n") for line in handle if line.strip()]
+        prompts += read_text_lines(args.prompts_file, "--prompts-file", "prompts")
     return prompts or [prompt for prompt, _ in DEMO_PAIRS]
-
-
-def _render(tokenizer, prompts: list[str], chat: bool) -> list[str]:
-    if not chat or not tokenizer.chat_template:
-        return prompts
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,12 +65,21 @@ def run(args: argparse.Namespace) -> int:
     if contrastive is None and not (args.prompt or args.prompts_file):
         contrastive = [other for _, other in DEMO_PAIRS]
     if contrastive is not None and len(contrastive) != len(prompts):
-        raise ValueError(f"got {len(contrastive)} --contrastive-prompt for {len(prompts)} prompts; give one per prompt")
+        raise ValueError(
+            f"got {len(contrastive)} --contrastive-prompt for {len(prompts)} prompts; give one per prompt"
+        )
+    from cdlm.decoding.methods import get_method
+    from cdlm.models.prompts import adds_special_tokens, render_prompts
+
+    for name in args.method or ["greedy"]:  # refuse bad hyperparameters before loading anything
+        method_class = get_method(name)
+        method_class.resolve_hyperparameters(
+            {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
+        )
     loaded = load_from_args(args)
-    rendered = _render(loaded.tokenizer, prompts, args.chat)
-    rendered_contrastive = _render(loaded.tokenizer, contrastive, args.chat) if contrastive else None
-    # Chat templates already hold the BOS text; adding special tokens again would double it.
-    add_special = not (args.chat and loaded.tokenizer.chat_template)
+    rendered = render_prompts(loaded.tokenizer, prompts, args.chat)
+    rendered_contrastive = render_prompts(loaded.tokenizer, contrastive, args.chat) if contrastive else None
+    add_special = adds_special_tokens(loaded.tokenizer, args.chat)
     amateurs: dict = {}
     summary = []
     backend_generate = generator_from_args(args)
@@ -91,12 +98,18 @@ def run(args: argparse.Namespace) -> int:
             contrastive_prompts=rendered_contrastive if needs_contrast else None,
             add_special_tokens=add_special,
             seed=args.seed,
-            on_batch=lambda done, total, s, n=name: progress(f"[{n}] {done}/{total} prompts, {s.tokens_per_second:.1f} tokens/s"),
+            on_batch=lambda done, total, s, n=name: progress(
+                f"[{n}] {done}/{total} prompts, {s.tokens_per_second:.1f} tokens/s"
+            ),
         )
         summary.append((name, stats))
         for prompt, result in zip(prompts, results):
             if args.json:
-                print(json.dumps({**method.describe(), "prompt": prompt, "text": result.text, "token_ids": result.token_ids}))
+                print(
+                    json.dumps(
+                        {**method.describe(), "prompt": prompt, "text": result.text, "token_ids": result.token_ids}
+                    )
+                )
             else:
                 print(f"=== {name} | {prompt}\n{result.text.strip()}\n")
     if not args.json:

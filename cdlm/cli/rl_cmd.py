@@ -1,67 +1,97 @@
-"""``cdlm rl``: PPO with a LoRA policy on a rule-based or learned reward, optionally with contrastive rewards.
+"""cdlm rl: PPO with a LoRA policy on a rule-based or learned reward, optionally with contrastive rewards.
 
-    cdlm rl --reward rule:gsm8k --contrastive-k 4 --iterations 10 --output-dir runs/ppo-cr
+    cdlm rl --reward rule:gsm8k --contrastive-k 4 --num-iterations 10 --output-dir runs/ppo-cr
 
-Prompts come from ``--prompts-file`` (JSON lines with a ``prompt`` field and any columns the reward
-needs, e.g. ``answer``) or, by default, from synthetic arithmetic problems. With ``--contrastive-k K``
-the offline baseline step samples K responses per prompt from the initial policy first (cached in
-``--baseline-cache``, resumable) and PPO is trained on r - mean(baseline rewards).
+Prompts come from --prompts-file (JSON lines with a "prompt" field and any columns the reward needs,
+e.g. "answer") or, by default, from synthetic arithmetic problems. With --contrastive-k K the offline
+baseline step first samples K responses per prompt from the initial policy (cached in --baseline-cache,
+resumable) and PPO is trained on r - mean(baseline rewards). Settings: PPOConfig defaults < --config
+YAML < flags; rerunning into the same --output-dir resumes after checking the settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdlm.cli.common import add_model_arguments, load_from_args, progress
+from cdlm.cli.training import TrainingCommand
+
+
+@dataclass
+class RewardArguments:
+    """The reward, the prompts, and the contrastive-reward baselines of ``cdlm rl``."""
+
+    reward: str | None = field(
+        default=None, metadata={"help": "'rule:gsm8k' or a folder with a sequence-classification reward model (required)"}
+    )
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSON lines with 'prompt' (+ e.g. 'answer'); default: synthetic arithmetic"}
+    )
+    num_prompts: int = field(default=32, metadata={"help": "synthetic prompts when no --prompts-file"})
+    contrastive_k: int | None = field(
+        default=None, metadata={"help": "baseline responses per prompt for contrastive rewards; none: plain rewards"}
+    )
+    aggregate: str = field(
+        default="mean", metadata={"help": "how baseline rewards are aggregated", "choices": ("mean", "median", "max")}
+    )
+    normalize_rewards: bool = field(default=False, metadata={"help": "divide contrastive rewards by their running std"})
+    clip_rewards: float | None = field(default=None, metadata={"help": "clip contrastive rewards to [-c, c]"})
+    baseline_cache: str | None = field(default=None, metadata={"help": "baseline cache file (default: OUTPUT_DIR/baselines.jsonl)"})
+    baseline_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the baseline responses"})
+
+    def __post_init__(self) -> None:
+        if self.contrastive_k is not None and self.contrastive_k < 1:
+            raise ValueError(f"contrastive_k must be >= 1 (got {self.contrastive_k}); leave it unset for plain rewards")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+
+
+COMMAND = TrainingCommand(
+    name="rl",
+    config_class="cdlm.alignment.rl.config:PPOConfig",
+    data_class=RewardArguments,
+    # PPO's budget is num_iterations and its batches are rollout_batch_size / mini_batch_size; it keeps a
+    # constant learning rate.
+    unused_fields=("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                   "lr_scheduler_type", "warmup_steps", "weight_decay", "gradient_checkpointing", "push_to_hub",
+                   "hub_model_id"),
+)
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "rl",
         help="PPO (LoRA policy, value head, KL to reference) with optional contrastive rewards",
-        description="Train a policy with PPO; --contrastive-k K uses contrastive rewards (Shen et al., 2024).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--reward", required=True, help="'rule:gsm8k' or a folder with a sequence-classification reward model")
-    parser.add_argument("--prompts-file", default=None, help="JSON lines with 'prompt' (+ e.g. 'answer'); default: synthetic arithmetic")
-    parser.add_argument("--num-prompts", type=int, default=32, help="synthetic prompts when no --prompts-file (default: 32)")
-    parser.add_argument("--contrastive-k", type=int, default=None, help="baseline responses per prompt; omit for plain rewards")
-    parser.add_argument("--aggregate", default="mean", choices=["mean", "median", "max"], help="baseline aggregation (default: mean)")
-    parser.add_argument("--normalize-rewards", action="store_true", help="divide contrastive rewards by their running std")
-    parser.add_argument("--clip-rewards", type=float, default=None, help="clip contrastive rewards to [-c, c]")
-    parser.add_argument("--baseline-cache", default=None, help="baseline cache file (default: OUTPUT_DIR/baselines.jsonl)")
-    parser.add_argument("--baseline-temperature", type=float, default=1.0)
-    parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--rollout-batch-size", type=int, default=8)
-    parser.add_argument("--mini-batch-size", type=int, default=4)
-    parser.add_argument("--ppo-epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--kl-coef", type=float, default=0.05)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--save-steps", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="cdlm-ppo")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    parser.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
+    COMMAND.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
-def _read_rows(args: argparse.Namespace) -> list[dict]:
-    from cdlm.alignment.rewards import arithmetic_problems
+def _read_rows(data: RewardArguments, seed: int) -> list[dict]:
+    from cdlm.alignment.rl.problems import arithmetic_problems
 
-    if not args.prompts_file:
-        return arithmetic_problems(args.num_prompts, seed=args.seed)
-    path = Path(args.prompts_file)
-    if not path.exists():
-        raise FileNotFoundError(f"prompts file {str(path)!r} not found")
+    if not data.prompts_file:
+        return arithmetic_problems(data.num_prompts, seed=seed)
+    path = Path(data.prompts_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} not found (or not a file)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    for number, line in enumerate(lines, start=1):
         if line.strip():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from None
             if not isinstance(row, dict) or "prompt" not in row:
                 raise ValueError(f"{path} line {number}: expected a JSON object with a 'prompt' field")
             rows.append(row)
@@ -71,42 +101,40 @@ def _read_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from peft import LoraConfig
+    from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
+    from cdlm.alignment.rl.rewards import ContrastiveReward, load_reward
+    from cdlm.alignment.rl.trainer import PPOTrainer
 
-    from cdlm.alignment.baselines import BaselineSettings, generate_baselines
-    from cdlm.alignment.ppo import PPOConfig, PPOTrainer
-    from cdlm.alignment.rewards import ContrastiveReward, load_reward
-
-    if args.contrastive_k is not None and args.contrastive_k < 1:
-        raise ValueError(f"--contrastive-k must be >= 1 (got {args.contrastive_k}); omit it for plain rewards")
-    # Validate everything cheap before loading the model.
-    config = PPOConfig(
-        output_dir=args.output_dir, num_iterations=args.iterations, rollout_batch_size=args.rollout_batch_size,
-        mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs, learning_rate=args.learning_rate,
-        kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        use_chat_template=args.chat, save_steps=args.save_steps, seed=args.seed,
-    )
-    rows = _read_rows(args)
-    reward = load_reward(args.reward)
+    # Everything cheap is validated before the model is loaded or anything is written.
+    settings = COMMAND.resolve(args)
+    config, data = settings.config, settings.data
+    if not data.reward:
+        raise ValueError("--reward is required: 'rule:gsm8k' or a reward-model folder")
+    if settings.lora.lora_r == 0:
+        raise ValueError("cdlm rl trains a LoRA adapter (its reference is the adapter-disabled base): lora_r must be >= 1")
+    rows = _read_rows(data, config.seed)
+    reward = load_reward(data.reward)
     loaded = load_from_args(args)
-    if args.contrastive_k is not None:
-        settings = BaselineSettings(
-            k=args.contrastive_k, max_new_tokens=args.max_new_tokens, temperature=args.baseline_temperature,
-            seed=args.seed, use_chat_template=args.chat, model=args.model,
+    resume = settings.prepare_output(args, loaded)
+    if data.contrastive_k is not None:
+        baseline_settings = BaselineSettings(
+            k=data.contrastive_k, max_new_tokens=config.max_new_tokens, temperature=data.baseline_temperature,
+            seed=config.seed, use_chat_template=config.use_chat_template, model=args.model,
         )
-        cache_path = Path(args.baseline_cache or Path(args.output_dir) / "baselines.jsonl")
-        progress(f"offline baselines: k={args.contrastive_k} responses for {len(rows)} prompts -> {cache_path}")
-        cache = generate_baselines(loaded.model, loaded.tokenizer, rows, reward, cache_path, settings,
-                                   batch_size=max(args.rollout_batch_size, args.contrastive_k), progress=progress)
-        reward = ContrastiveReward(reward, cache, aggregate=args.aggregate, normalize=args.normalize_rewards, clip=args.clip_rewards)
+        cache_path = Path(data.baseline_cache or Path(config.output_dir) / "baselines.jsonl")
+        progress(f"offline baselines: k={data.contrastive_k} responses for {len(rows)} prompts -> {cache_path}")
+        cache = generate_baselines(loaded.model, loaded.tokenizer, rows, reward, cache_path, baseline_settings,
+                                   batch_size=max(config.rollout_batch_size, data.contrastive_k), progress=progress)
+        reward = ContrastiveReward(reward, cache, aggregate=data.aggregate, normalize=data.normalize_rewards,
+                                   clip=data.clip_rewards)
 
     def report(record: dict) -> None:
         progress(f"iteration {int(record['step'])}: reward {record['reward_raw']:.3f} score {record['score']:+.3f} "
                  f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)")
 
-    lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
-    trainer = PPOTrainer(loaded.model, config, loaded.tokenizer, reward, rows, peft_config=lora, callbacks=[report])
-    history = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer = PPOTrainer(loaded.model, config, loaded.tokenizer, reward, rows,
+                         peft_config=settings.lora.peft_config(), callbacks=[report])
+    history = trainer.train(resume_from_checkpoint=resume)
     final = trainer.latest_checkpoint()
     print(json.dumps({"iterations": len(history), "final_reward": history[-1]["reward_raw"] if history else None,
                       "checkpoint": str(final)}))

@@ -15,7 +15,7 @@ Two processors, one per kind of amateur:
 
 * ``ContrastiveDecodingLogitsProcessor``: any separate amateur (own weights, device, dtype). It
   runs the amateur incrementally with its own KV cache and follows beam reorders (see
-  ``cdlm.decoding._amateur_state``).
+  ``cdlm.decoding.branch``).
 * ``EarlyExitContrastiveLogitsProcessor``: the amateur is the expert's first N layers. A forward
   hook on layer N records its output during the expert's own forward pass, and the processor
   turns it into amateur logits with the expert's final norm and lm_head: no second forward, no
@@ -27,6 +27,24 @@ Two processors, one per kind of amateur:
 
 ``contrastive_decoding_processor(amateur, ...)`` picks the right one. Sampling warpers
 (temperature, top-k, top-p) run after these processors in ``generate()``, i.e. on the contrast.
+The contrast rule itself (formulations, defaults, validation) lives in ``cdlm.decoding.contrast``.
+
+Example (tiny in-code models from ``cdlm.testing``; any causal LM pair with one vocabulary works):
+
+>>> from transformers import LogitsProcessorList
+>>> from cdlm import testing
+>>> from cdlm.models import EarlyExitAmateur
+>>> expert, amateur, tokenizer = testing.tiny_llama(seed=0), testing.tiny_llama(seed=1), testing.tiny_tokenizer()
+>>> batch = tokenizer(["The quick brown fox", "Question: how"], return_tensors="pt", padding=True)
+>>> cd = ContrastiveDecodingLogitsProcessor(amateur, beta=0.5, attention_mask=batch["attention_mask"], expert=expert)
+>>> out = expert.generate(**batch, max_new_tokens=6, do_sample=False, logits_processor=LogitsProcessorList([cd]))
+>>> out.shape == (2, batch["input_ids"].shape[1] + 6)
+True
+>>> with EarlyExitContrastiveLogitsProcessor(EarlyExitAmateur(expert, 2), beta=1.0) as early_exit_cd:
+...     out = expert.generate(**batch, max_new_tokens=6, do_sample=False,
+...                           logits_processor=LogitsProcessorList([early_exit_cd]))
+>>> early_exit_cd.attached  # the hook left the expert with the ``with`` block
+False
 """
 
 from __future__ import annotations
@@ -36,45 +54,47 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import BatchEncoding, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel
 
-from cdlm.decoding._amateur_state import IncrementalBranch
-from cdlm.decoding._contrast import (
-    check_alpha,
-    check_formulation,
-    check_non_negative,
-    check_positive,
-    contrast,
+from cdlm.decoding.branch import IncrementalBranch
+from cdlm.decoding.contrast import (
+    DEFAULT_ALPHA,
+    DEFAULT_AMATEUR_TEMPERATURE,
+    DEFAULT_BETA,
+    DEFAULT_FORMULATION,
+    ContrastSettings,
     plausible_mask,
 )
-from cdlm.decoding.methods import DecodingMethod, Param
-from cdlm.models.amateur import EarlyExitAmateur, SeparateAmateur
-
-DEFAULT_ALPHA = 0.1
-DEFAULT_BETA = 0.5
-DEFAULT_FORMULATION = "obrien-lewis"
+from cdlm.decoding.methods import ContrastiveDecodingMethod  # noqa: F401  (the registry's ``cd``; lives there, light)
+from cdlm.models.amateur import (
+    EarlyExitAmateur,
+    SeparateAmateur,
+    check_bare_amateur,
+)
 
 
 class _ContrastiveScoring:
-    """Hyperparameters and the scoring rule shared by both CD processors."""
+    """Hyperparameters and the scoring rule shared by both CD processors.
+
+    The processors keep per-generation state (a KV cache or a forward hook), so they declare
+    ``supports_continuous_batching = False`` (transformers' ``LogitsProcessor`` convention).
+    """
+
+    supports_continuous_batching: bool | None = False
 
     def _init_scoring(self, alpha: float, beta: float, formulation: str, amateur_temperature: float) -> None:
-        self.alpha = check_alpha(alpha)
-        self.beta = check_non_negative("beta", beta)
-        self.formulation = check_formulation(formulation)
-        self.amateur_temperature = check_positive("amateur_temperature", amateur_temperature)
+        self.settings = ContrastSettings.for_cd(
+            alpha=alpha, beta=beta, formulation=formulation, amateur_temperature=amateur_temperature
+        )
+        self.alpha = self.settings.alpha
+        self.beta = float(beta)
+        self.formulation = self.settings.formulation
+        self.amateur_temperature = self.settings.other_temperature
 
     def _contrast(self, scores: torch.Tensor, amateur_logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
         if vocab_size is not None:
             amateur_logits = amateur_logits[:, :vocab_size]
-        return contrast(
-            scores,
-            amateur_logits,
-            alpha=self.alpha,
-            weight=1.0 if self.formulation == "li" else self.beta,
-            formulation=self.formulation,
-            other_temperature=self.amateur_temperature,
-        )
+        return self.settings.apply(scores, amateur_logits)
 
 
 class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
@@ -84,17 +104,24 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         amateur: a ``SeparateAmateur`` (from ``make_separate_amateur``, which checks the
             tokenizers) or a bare causal LM that uses the expert's token ids. It may sit on another
             device or dtype than the expert; its logits are brought to the expert's device as float32.
+            A bare model is checked (``check_bare_amateur``): its lm_head must score as many ids as
+            the expert's (checked on the first step, or against ``expert``), unless ``vocab_size``
+            says which common id range to contrast.
         alpha: plausibility threshold in (0, 1].
         beta: contrast strength for the O'Brien-Lewis form (>= 0; unused by the Li form).
         formulation: ``"obrien-lewis"`` (default) or ``"li"``.
         amateur_temperature: tau > 0 applied to the amateur's logits.
         attention_mask: the prompt's attention mask, as passed to ``generate()``. Recommended with
             padded batches; without it, leading ``pad_token_id`` tokens are treated as left padding.
+            The mask belongs to that batch: reusing the processor on other prompts raises an error.
         pad_token_id: defaults to the amateur's ``generation_config.pad_token_id``.
         vocab_size: contrast only ids below this (defaults to ``SeparateAmateur.vocab_size``, else
-            the smaller of the two vocabularies); other ids get -inf.
+            the whole vocabulary, which a bare amateur must share with the expert); other ids get -inf.
+        expert: the expert model, to check a bare amateur against it (vocabulary size, special
+            tokens, tokenizer files) before decoding.
 
-    Create one processor per ``generate()`` call; reusing one on a new prompt restarts its cache.
+    Create one processor per ``generate()`` call. Without ``attention_mask``, reusing one on a new
+    prompt restarts its cache.
     """
 
     def __init__(
@@ -104,10 +131,11 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         alpha: float = DEFAULT_ALPHA,
         beta: float = DEFAULT_BETA,
         formulation: str = DEFAULT_FORMULATION,
-        amateur_temperature: float = 1.0,
+        amateur_temperature: float = DEFAULT_AMATEUR_TEMPERATURE,
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
         vocab_size: int | None = None,
+        expert: PreTrainedModel | None = None,
     ):
         self._init_scoring(alpha, beta, formulation, amateur_temperature)
         if isinstance(amateur, EarlyExitAmateur):
@@ -118,6 +146,11 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         model = amateur.model if isinstance(amateur, SeparateAmateur) else amateur
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"amateur must be a SeparateAmateur or a causal LM, got {type(amateur).__name__}")
+        # A bare model whose vocabulary nobody vouched for is checked before its scores are trusted.
+        self._unchecked_bare = not isinstance(amateur, SeparateAmateur) and vocab_size is None
+        if self._unchecked_bare and expert is not None:
+            check_bare_amateur(expert, model)
+            self._unchecked_bare = False
         if vocab_size is None and isinstance(amateur, SeparateAmateur):
             vocab_size = amateur.vocab_size
         if pad_token_id is None:
@@ -125,7 +158,10 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         self.vocab_size = vocab_size
         self.branch = IncrementalBranch(model, pad_token_id=pad_token_id, prompt_attention_mask=attention_mask)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._unchecked_bare:
+            check_bare_amateur(None, self.branch.model, expert_vocab_size=scores.shape[-1])
+            self._unchecked_bare = False
         return self._contrast(scores, self.branch.next_logits(input_ids), self.vocab_size)
 
 
@@ -167,7 +203,7 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         alpha: float = DEFAULT_ALPHA,
         beta: float = DEFAULT_BETA,
         formulation: str = DEFAULT_FORMULATION,
-        amateur_temperature: float = 1.0,
+        amateur_temperature: float = DEFAULT_AMATEUR_TEMPERATURE,
     ):
         self._init_scoring(alpha, beta, formulation, amateur_temperature)
         if not isinstance(amateur, EarlyExitAmateur):
@@ -201,7 +237,7 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         slot = self._slot
         if not self.attached:
             raise RuntimeError("this early-exit contrastive decoding processor was closed; create a new one")
@@ -254,43 +290,3 @@ def contrastive_decoding_processor(
     return ContrastiveDecodingLogitsProcessor(
         amateur, attention_mask=attention_mask, pad_token_id=pad_token_id, **hyperparameters
     )
-
-
-class ContrastiveDecodingMethod(DecodingMethod):
-    """``cdlm generate --method cd``: greedy (or beam) decoding on the contrastive-decoding scores."""
-
-    name = "cd"
-    description = "contrastive decoding: expert minus amateur on the expert's plausible tokens"
-    needs_amateur = True
-    params = (
-        Param("alpha", float, DEFAULT_ALPHA, "plausibility threshold in (0, 1]: keep tokens with p >= alpha * max p"),
-        Param("beta", float, DEFAULT_BETA, "contrast strength >= 0 (O'Brien-Lewis form; 0 = greedy)"),
-        Param("amateur_temperature", float, 1.0, "temperature > 0 applied to the amateur's logits"),
-        Param("cd_formulation", str, DEFAULT_FORMULATION, "obrien-lewis ((1+beta) s_e - beta s_a) or li (lp_e - lp_a)"),
-        Param("num_beams", int, 1, "beam search width (1: greedy)"),
-    )
-
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        check_alpha(hp["alpha"])
-        check_non_negative("beta", hp["beta"])
-        check_positive("amateur_temperature", hp["amateur_temperature"])
-        check_formulation(hp["cd_formulation"])
-        if hp["num_beams"] < 1:
-            raise ValueError(f"num_beams must be >= 1, got {hp['num_beams']}")
-        if isinstance(self.amateur, EarlyExitAmateur) and self.amateur.expert is not model:
-            raise ValueError("the early-exit amateur was built from a different model than the expert being decoded")
-
-    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
-        hp = self.hyperparameters
-        processor = contrastive_decoding_processor(
-            self.amateur,
-            alpha=hp["alpha"],
-            beta=hp["beta"],
-            formulation=hp["cd_formulation"],
-            amateur_temperature=hp["amateur_temperature"],
-            attention_mask=batch.get("attention_mask"),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}

@@ -10,22 +10,31 @@ with ``V_head = {v : p(v | x, y_<t) >= alpha * max_w p(w | x, y_<t)}``. ``lambda
 decoding on ``x``; larger lambda pushes harder away from what ``x'`` would produce.
 
 ``generate()`` runs the model on ``x``; the processor runs the same model on ``x'`` followed by
-the tokens generated so far, with its own KV cache (``cdlm.decoding._amateur_state``), so the cost
+the tokens generated so far, with its own KV cache (``cdlm.decoding.branch``), so the cost
 is a second forward per step on the contrastive branch. Batches of (x, x') pairs may have different
 lengths on either side (both left padded); beam search and sampling work as for any processor.
+
+Example (a tiny in-code model from ``cdlm.testing``):
+
+>>> from transformers import LogitsProcessorList
+>>> from cdlm import testing
+>>> model, tokenizer = testing.tiny_llama(seed=0), testing.tiny_tokenizer()
+>>> x = tokenizer(["Write a short poem about the sea."], return_tensors="pt")
+>>> x_prime = tokenizer(["Write a short poem."], return_tensors="pt")
+>>> cid = ContrastiveInputLogitsProcessor(model, x_prime["input_ids"], x_prime["attention_mask"], cid_lambda=0.5)
+>>> out = model.generate(**x, max_new_tokens=4, do_sample=False, logits_processor=LogitsProcessorList([cid]))
+>>> out.shape[0], cid.branch.recomputations  # one row; the contrastive branch's cache was reused every step
+(1, 0)
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import BatchEncoding, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel
 
-from cdlm.decoding._amateur_state import IncrementalBranch
-from cdlm.decoding._contrast import check_alpha, check_non_negative, contrast
-from cdlm.decoding.methods import DecodingMethod, Param
-
-DEFAULT_LAMBDA = 0.5
-DEFAULT_ALPHA = 0.1
+from cdlm.decoding.branch import IncrementalBranch
+from cdlm.decoding.contrast import DEFAULT_ALPHA, DEFAULT_CID_LAMBDA, ContrastSettings
+from cdlm.decoding.methods import ContrastiveInputMethod  # noqa: F401  (the registry's ``cid``; lives there, light)
 
 
 class ContrastiveInputLogitsProcessor(LogitsProcessor):
@@ -40,8 +49,11 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
         pad_token_id: defaults to ``model.generation_config.pad_token_id``.
 
     The batch size must equal the ``input_ids`` batch given to ``generate()``. Under beam search
-    (or ``num_return_sequences``) each contrastive row is repeated like its input row.
+    (or ``num_return_sequences``) each contrastive row is repeated like its input row. The processor
+    keeps a KV cache per generation, hence ``supports_continuous_batching = False``.
     """
+
+    supports_continuous_batching = False
 
     def __init__(
         self,
@@ -49,12 +61,12 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
         contrastive_input_ids: torch.Tensor,
         contrastive_attention_mask: torch.Tensor | None = None,
         *,
-        cid_lambda: float = DEFAULT_LAMBDA,
+        cid_lambda: float = DEFAULT_CID_LAMBDA,
         alpha: float = DEFAULT_ALPHA,
         pad_token_id: int | None = None,
     ):
-        self.cid_lambda = check_non_negative("lambda (cid_lambda)", cid_lambda)
-        self.alpha = check_alpha(alpha)
+        self.settings = ContrastSettings.for_cid(alpha=alpha, cid_lambda=cid_lambda)
+        self.cid_lambda, self.alpha = self.settings.weight, self.settings.alpha
         if contrastive_input_ids is None or contrastive_input_ids.numel() == 0:
             raise ValueError("contrastive input decoding needs non-empty contrastive_input_ids")
         if pad_token_id is None:
@@ -66,46 +78,7 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
             branch_attention_mask=contrastive_attention_mask,
         )
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.cid_lambda == 0.0:  # regular decoding: the contrastive branch would not change anything
-            return contrast(scores, scores, alpha=self.alpha, weight=0.0, formulation="li")
-        other = self.branch.next_logits(input_ids)
-        return contrast(scores, other, alpha=self.alpha, weight=self.cid_lambda, formulation="li")
-
-
-class ContrastiveInputMethod(DecodingMethod):
-    """``cdlm generate --method cid --contrastive-prompt ...``: greedy (or beam) decoding on CID scores."""
-
-    name = "cid"
-    description = "contrastive input decoding: likely given the prompt, unlikely given the contrastive prompt"
-    needs_contrastive_inputs = True
-    params = (
-        Param("cid_lambda", float, DEFAULT_LAMBDA, "contrast strength lambda >= 0 (0 = greedy on the prompt)"),
-        Param("alpha", float, DEFAULT_ALPHA, "plausibility threshold in (0, 1]: keep tokens with p >= alpha * max p"),
-        Param("num_beams", int, 1, "beam search width (1: greedy)"),
-    )
-
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        check_non_negative("lambda (cid_lambda)", hp["cid_lambda"])
-        check_alpha(hp["alpha"])
-        if hp["num_beams"] < 1:
-            raise ValueError(f"num_beams must be >= 1, got {hp['num_beams']}")
-
-    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
-        if contrastive_batch is None:
-            raise ValueError("method 'cid' needs a contrastive input per prompt")
-        rows, contrastive_rows = batch["input_ids"].shape[0], contrastive_batch["input_ids"].shape[0]
-        if rows != contrastive_rows:
-            raise ValueError(f"got {contrastive_rows} contrastive inputs for a batch of {rows} inputs; give one per input")
-        hp = self.hyperparameters
-        processor = ContrastiveInputLogitsProcessor(
-            self.model,
-            contrastive_batch["input_ids"],
-            contrastive_batch.get("attention_mask"),
-            cid_lambda=hp["cid_lambda"],
-            alpha=hp["alpha"],
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.settings.is_identity_contrast:  # regular decoding: the contrastive branch changes nothing
+            return self.settings.apply(scores, scores)
+        return self.settings.apply(scores, self.branch.next_logits(input_ids))

@@ -9,11 +9,16 @@ where ``h_v`` is the last hidden state of candidate ``v`` and ``h_j`` those of e
 reproduces 4.55.4's built-in implementation token for token (``tests/test_contrastive_search.py``
 checks a recorded fixture) while doing less work per step:
 
-* the ``k`` candidates of every row run as one batched forward of ``B * k`` one-token rows over a
-  cache that stays ``B * k`` rows wide for the whole generation: the ``k`` rows of a prompt are
-  identical except at the newest position, so keeping the winner means copying that one position
-  into its siblings (4.55.4 repeats the whole cache ``k`` times and then gathers the winners' rows,
-  two full cache copies per step);
+* the ``k`` candidates of a row run as ``k`` query positions of that row, over one copy of its cache
+  (``candidate_layout="shared_context"``): a 4-D mask lets candidate ``j`` see the row's past and itself
+  only, all ``k`` at the same position, so each gets exactly the hidden state a one-token step would give
+  it; afterwards only the winner's key/value entry is kept. The prompt's cache is read once per row and
+  step, not ``k`` times (4.55.4 keeps ``B * k`` cache rows and repeats, then gathers, the whole cache every
+  step, which is what makes long prompts slow). Models or caches
+  where cdlm cannot build the masks itself (flash/flex attention, static or quantised caches, unknown layer
+  types) run one cache row per candidate instead (``"row_per_candidate"``, 4.55.4's layout, where keeping
+  the winner copies only its newest position); ``"auto"`` (the default) also checks on the first call for
+  a model that one row's candidates come out the same both ways;
 * only the transformer body runs on the candidates; the LM head (the ``vocab x hidden`` matmul, the
   biggest single matrix in small models) runs on the ``B`` winners only, since only their logits are
   needed for the next step;
@@ -24,16 +29,19 @@ checks a recorded fixture) while doing less work per step:
 Use it through ``generate()``::
 
     out = model.generate(input_ids, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4,
-                         max_new_tokens=64)
+                         max_new_tokens=64)  # candidate_layout="auto" | "shared_context" | "row_per_candidate"
 
 or call :func:`contrastive_search_generate`, which does the same with explicit arguments.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
 import sys
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -55,10 +63,17 @@ from cdlm.models.amateur import head_logits
 
 DEFAULT_PENALTY_ALPHA = 0.6
 DEFAULT_TOP_K = 4
+CANDIDATE_LAYOUTS = ("auto", "shared_context", "row_per_candidate")
 # Cache layers whose newest position is the last one along dim -2 of ``keys``/``values``.
 _LAST_POSITION_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
+logger = logging.getLogger(__name__)
+# Models whose shared-context candidates were checked against one row per candidate, with what was checked
+# ((attention implementation, fast path)); a model that fails the check is checked again on every call.
+_SHARED_CONTEXT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 __all__ = [
+    "CANDIDATE_LAYOUTS",
     "ContrastiveSearchMethod",
     "contrastive_search",
     "contrastive_search_generate",
@@ -128,8 +143,8 @@ class _Forward:
         return hidden, logits, all_hidden
 
     def candidates(self, token_ids, attention_mask, position_ids, cache):
-        """Last hidden states (N, H) of one new token per row, their float32 logits (N, V) if computed, and
-        (full path only) every layer's hidden states."""
+        """Last hidden states (N, T, H) of ``T`` new tokens per row, their float32 logits (N, T, V) if computed,
+        and (full path only) every layer's hidden states."""
         kwargs = dict(
             input_ids=token_ids,
             attention_mask=attention_mask,
@@ -138,12 +153,11 @@ class _Forward:
             use_cache=True,
         )
         if self.fast:
-            hidden = self.body(**kwargs, return_dict=True).last_hidden_state
-            return hidden[:, -1, :], None, None
+            return self.body(**kwargs, return_dict=True).last_hidden_state, None, None
         outputs = self.model(**kwargs, output_hidden_states=True, return_dict=True)
         if getattr(outputs, "hidden_states", None) is None:
             raise ValueError(f"{type(self.model).__name__} did not return hidden states; contrastive search needs them")
-        return outputs.hidden_states[-1][:, -1, :], outputs.logits[:, -1, :].float(), outputs.hidden_states
+        return outputs.hidden_states[-1], outputs.logits.float(), outputs.hidden_states
 
 
 def _positions(attention_mask: torch.Tensor | None, batch_size: int, length: int, device) -> torch.Tensor:
@@ -172,6 +186,218 @@ def _keep_winners(cache, source_rows: torch.Tensor) -> None:
         cache.batch_select_indices(source_rows)
 
 
+class _RowPerCandidate:
+    """4.55.4's layout: row ``b``'s ``k`` candidates are cache rows ``b*k .. b*k+k-1``, one query each.
+
+    Works with any cache type, but every step reads ``k`` copies of each row's context (prompt included)
+    and the cache holds ``B * k`` rows for the whole generation.
+    """
+
+    name = "row_per_candidate"
+
+    def __init__(
+        self, forward: _Forward, cache, attention_mask: torch.Tensor | None, batch_size: int, k: int, capacity: int
+    ):
+        self.forward, self.cache, self.batch_size, self.k = forward, cache, batch_size, k
+        cache.batch_repeat_interleave(k)
+        self.mask = None
+        if attention_mask is not None:
+            batch_size, prompt_length = attention_mask.shape
+            self.mask = attention_mask.new_ones(batch_size * k, capacity)
+            self.mask[:, :prompt_length] = attention_mask.repeat_interleave(k, dim=0)
+
+    def step(self, top_ids: torch.Tensor, position: torch.Tensor, length: int):
+        """Run the (B, k) candidates; hidden states (B*k, H), logits (B*k, V) or None, layers' (B*k, 1, H)."""
+        mask = self.mask[:, : length + 1] if self.mask is not None else None
+        positions = position.repeat_interleave(self.k, dim=0)
+        hidden, logits, layers = self.forward.candidates(top_ids.reshape(-1, 1), mask, positions, self.cache)
+        return hidden[:, -1], None if logits is None else logits[:, -1], layers
+
+    def keep(self, selected: torch.Tensor) -> None:
+        """Every candidate row of ``b`` now holds ``b``'s winner, ready for the next ``k`` candidates."""
+        winners = torch.arange(len(selected), device=selected.device) * self.k + selected
+        _keep_winners(self.cache, winners.repeat_interleave(self.k))
+
+    def finish(self, return_cache: bool) -> None:
+        """Leave one cache row per prompt when the cache is returned (``return_dict_in_generate``)."""
+        if not return_cache:
+            return
+        rows = torch.arange(self.batch_size, device=self.mask.device if self.mask is not None else None) * self.k
+        self.cache.batch_select_indices(rows)
+
+
+class _SharedContext:
+    """Row ``b``'s ``k`` candidates as ``k`` query positions of cache row ``b``: the context is read once.
+
+    All ``k`` queries sit at the same position; a 4-D additive mask lets candidate ``j`` attend to the row's
+    past (padding excluded) and to itself only, which is exactly what a one-token step would see, so each
+    candidate's hidden state is the one it would get alone. The step appends the ``k`` candidates'
+    keys/values; :meth:`keep` moves the winner's entry into the first of those slots and drops the rest.
+    Sliding-window layers record past entries during the step (``record_past``) and are trimmed back to
+    ``sliding_window - 1`` entries here, so their window ends up exactly where one-token decoding leaves it.
+    """
+
+    name = "shared_context"
+
+    def __init__(self, forward: _Forward, cache, layout: tuple, padding: torch.Tensor, k: int):
+        """``layout`` from :func:`_shared_context_layout`; ``padding`` (B, capacity) is 0 where a token may be
+        attended to and the dtype's minimum at left padding."""
+        self.forward, self.cache, self.k, self.padding = forward, cache, k, padding
+        self.sliding, self.mask_keys = layout
+        for layer, sliding in zip(cache.layers, self.sliding):
+            if sliding:
+                layer.record_past = True  # keep all k candidate entries until keep() trims the window
+        blocked = torch.finfo(padding.dtype).min
+        eye = torch.eye(k, dtype=torch.bool, device=padding.device)
+        self.own_entry = torch.zeros(k, k, dtype=padding.dtype, device=padding.device).masked_fill(~eye, blocked)
+
+    def _mask(self, stored: int, length: int) -> torch.Tensor:
+        """(B, 1, k, stored + k) additive mask: the last ``stored`` context positions, then the k candidates."""
+        batch_size, k = self.padding.shape[0], self.k
+        past = self.padding[:, None, None, length - stored : length].expand(batch_size, 1, k, stored)
+        return torch.cat([past, self.own_entry.expand(batch_size, 1, k, k)], dim=-1)
+
+    def step(self, top_ids: torch.Tensor, position: torch.Tensor, length: int):
+        """Same contract as :meth:`_RowPerCandidate.step`."""
+        batch_size, k = top_ids.shape
+        masks = {}
+        for layer, sliding in zip(self.cache.layers, self.sliding):
+            if sliding not in masks:
+                masks[sliding] = self._mask(layer.keys.shape[-2], length)
+        if self.mask_keys is None:
+            attention_mask = next(iter(masks.values()))
+        else:
+            attention_mask = {name: masks[sliding] for name, sliding in self.mask_keys.items()}
+        hidden, logits, layers = self.forward.candidates(
+            top_ids, attention_mask, position.expand(batch_size, k), self.cache
+        )
+        hidden = hidden.reshape(batch_size * k, -1)
+        if logits is not None:
+            logits = logits.reshape(batch_size * k, -1)
+        if layers is not None:
+            layers = tuple(layer.reshape(batch_size * k, 1, -1) for layer in layers)
+        return hidden, logits, layers
+
+    def keep(self, selected: torch.Tensor) -> None:
+        """Keep only the winner's key/value entry of the k just appended, in every layer."""
+        rows = torch.arange(len(selected), device=selected.device)
+        for layer, sliding in zip(self.cache.layers, self.sliding):
+            stored = layer.keys.shape[-2] - self.k  # entries before this step's candidates
+            source = stored + selected
+            layer.keys[:, :, stored] = layer.keys[rows, :, source]
+            layer.values[:, :, stored] = layer.values[rows, :, source]
+            start = max(0, stored + 1 - (layer.sliding_window - 1)) if sliding else 0
+            layer.keys = layer.keys[:, :, start : stored + 1]
+            layer.values = layer.values[:, :, start : stored + 1]
+            if sliding:
+                layer.cumulative_length -= self.k - 1
+
+    def finish(self, return_cache: bool) -> None:
+        """Back to plain sliding-window behaviour (as generate() leaves a cache it returns)."""
+        for layer, sliding in zip(self.cache.layers, self.sliding):
+            if sliding:
+                layer.record_past = False
+
+
+def _shared_context_layout(model: PreTrainedModel, cache) -> tuple | None:
+    """Whether the shared-context path applies: ``(sliding per cache layer, mask mapping keys or None)``.
+
+    It needs masks it can build itself: an attention implementation that takes a 4-D additive mask as
+    given (``eager``, ``sdpa``), plain dynamic cache layers (full, or sliding with one window), and layer
+    types that say which mask each layer reads. A model mixing full and sliding layers gets a mapping
+    ``{layer type: mask}``, as Gemma 3's forward accepts; otherwise the single 4-D mask is used as is.
+    Anything else (static, quantised or offloaded caches, flash/flex attention, other layer types) returns
+    None and runs the row-per-candidate path.
+    """
+    if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(cache, "offloading", False):
+        return None
+    sliding = []
+    for layer in layers:
+        if type(layer) not in _LAST_POSITION_LAYERS or not isinstance(getattr(layer, "keys", None), torch.Tensor):
+            return None
+        if layer.keys.dim() != 4:
+            return None
+        sliding.append(type(layer) is DynamicSlidingWindowLayer)
+    if len({layer.sliding_window for layer, s in zip(layers, sliding) if s}) > 1:
+        return None
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        has_window = getattr(config, "sliding_window", None) is not None
+        return (sliding, None) if all(s == has_window for s in sliding) else None
+    expected = {"full_attention": False, "sliding_attention": True}
+    if len(layer_types) != len(layers) or any(expected.get(t) != s for t, s in zip(layer_types, sliding)):
+        return None
+    return (sliding, None) if len(set(sliding)) == 1 else (sliding, dict(zip(layer_types, sliding)))
+
+
+def _cache_rows(cache, rows: torch.Tensor):
+    """A cache holding copies of ``rows`` of ``cache`` (layer objects copied, tensors gathered); ``cache`` is
+    left untouched."""
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]
+    clone.batch_select_indices(rows)
+    return clone
+
+
+def _candidate_path(
+    layout_name: str,
+    forward: _Forward,
+    cache,
+    attention_mask: torch.Tensor | None,
+    padding: torch.Tensor,
+    top_ids: torch.Tensor,
+    position: torch.Tensor,
+    length: int,
+    k: int,
+    capacity: int,
+):
+    """The path that runs the candidates (see ``candidate_layout`` in :func:`contrastive_search`).
+
+    ``auto`` takes the shared-context path when the model and cache allow it and the first row's candidates
+    come out the same both ways on the first step (a check of one row, ``2k`` extra query tokens, done once
+    per model and attention implementation); otherwise it logs why and runs one cache row per candidate.
+    """
+    batch_size = top_ids.shape[0]
+    layout = _shared_context_layout(forward.model, cache)
+    if layout_name == "row_per_candidate" or (layout is None and layout_name == "auto"):
+        return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
+    if layout is None:
+        raise ValueError(
+            "candidate_layout='shared_context' needs eager or sdpa attention and a plain dynamic cache "
+            f"(full or sliding-window layers named by config.layer_types); {type(forward.model).__name__} "
+            "does not qualify here: use candidate_layout='auto'"
+        )
+    checked_key = (getattr(forward.model.config, "_attn_implementation", None), forward.fast)
+    if layout_name == "auto" and _SHARED_CONTEXT_CHECKED.get(forward.model) != checked_key:
+        first = torch.zeros(1, dtype=torch.long, device=top_ids.device)
+        probe = (top_ids[:1], position[:1], length)
+        try:
+            shared = _SharedContext(forward, _cache_rows(cache, first), layout, padding[:1], k).step(*probe)[0]
+        except Exception as error:  # a model that builds its own masks may reject a prepared one
+            logger.warning(
+                "contrastive search: one cache row per candidate, since the shared-context layout failed "
+                "on %s (%s: %s)",
+                type(forward.model).__name__, type(error).__name__, error,
+            )
+            return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
+        mask = None if attention_mask is None else attention_mask[:1]
+        alone = _RowPerCandidate(forward, _cache_rows(cache, first), mask, 1, k, capacity).step(*probe)[0]
+        tolerance = 1e-4 if shared.dtype in (torch.float32, torch.float64) else 2e-2
+        if not torch.allclose(shared, alone, rtol=tolerance, atol=tolerance):
+            logger.warning(
+                "contrastive search: one cache row per candidate, since the shared-context layout changed "
+                "%s's candidate hidden states (max difference %.3g)",
+                type(forward.model).__name__, (shared - alone).abs().max().item(),
+            )
+            return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
+        _SHARED_CONTEXT_CHECKED[forward.model] = checked_key
+    return _SharedContext(forward, cache, layout, padding, k)
+
+
 def contrastive_search(
     model: PreTrainedModel,
     input_ids: torch.LongTensor,
@@ -182,6 +408,7 @@ def contrastive_search(
     streamer=None,
     penalty_alpha: float | None = None,
     top_k: int | None = None,
+    candidate_layout: str = "auto",
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """Contrastive search decoding loop, with the signature transformers expects of a ``custom_generate`` callable.
@@ -191,7 +418,8 @@ def contrastive_search(
     generation config, then calls this. Because ``penalty_alpha`` and ``top_k`` are parameters of this
     function, ``generate()`` hands them over directly (and does not warn that ``top_k`` is a sampling
     flag); when not given they come from a generation config that sets ``penalty_alpha``, else default
-    to 0.6 and 4.
+    to 0.6 and 4. ``candidate_layout`` picks how the candidates run (see the module docstring); the
+    tokens are the same either way, ``auto`` is the fastest that applies.
     Returns the sequences (prompt + new tokens; finished rows padded with ``pad_token_id``) or a
     ``GenerateDecoderOnlyOutput`` when ``return_dict_in_generate``.
 
@@ -220,6 +448,8 @@ def contrastive_search(
     alpha, top_k = validate_contrastive_search_params(
         DEFAULT_PENALTY_ALPHA if alpha is None else alpha, DEFAULT_TOP_K if top_k is None else top_k
     )
+    if candidate_layout not in CANDIDATE_LAYOUTS:
+        raise ValueError(f"candidate_layout must be one of {', '.join(CANDIDATE_LAYOUTS)}, got {candidate_layout!r}")
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     if "inputs_embeds" in model_kwargs and model_kwargs["inputs_embeds"] is not None:
@@ -250,6 +480,7 @@ def contrastive_search(
         generation_config,
         streamer,
         extra,
+        candidate_layout,
     )
 
 
@@ -265,6 +496,7 @@ def _contrastive_search_loop(
     generation_config: GenerationConfig,
     streamer,
     extra: dict,
+    candidate_layout: str,
 ):
     device = input_ids.device
     batch_size, prompt_length = input_ids.shape
@@ -301,16 +533,11 @@ def _contrastive_search_loop(
     del hidden
     length = prompt_length
 
-    # Candidate rows: row b's k candidates are rows b*k .. b*k+k-1 (the layout 4.55 uses).
-    cache.batch_repeat_interleave(k)
-    candidate_mask = None
-    if attention_mask is not None:
-        candidate_mask = torch.ones(batch_size * k, capacity, dtype=attention_mask.dtype, device=device)
-        candidate_mask[:, :prompt_length] = attention_mask.repeat_interleave(k, dim=0)
-    next_position = (position_ids[:, -1] + 1).repeat_interleave(k).unsqueeze(-1)
+    position = position_ids[:, -1:] + 1  # (B, 1): where this step's candidates sit
     rows = torch.arange(batch_size, device=device)
     row_offsets = rows * k
     unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
+    path = None
 
     while True:
         processed = logits_processor(input_ids, logits)
@@ -323,8 +550,11 @@ def _contrastive_search_loop(
         if raw_logits is not None:
             raw_logits += (logits,)
 
-        step_mask = candidate_mask[:, : length + 1] if candidate_mask is not None else None
-        candidate_hidden, candidate_logits, candidate_layers = forward.candidates(top_ids.reshape(-1, 1), step_mask, next_position, cache)
+        if path is None:  # first step: the candidates are known, choose how to run them
+            path = _candidate_path(
+                candidate_layout, forward, cache, attention_mask, penalty_mask, top_ids, position, length, k, capacity
+            )
+        candidate_hidden, candidate_logits, candidate_layers = path.step(top_ids, position, length)
 
         # Degeneration penalty: max cosine similarity of each candidate with the context so far.
         normed = candidate_hidden / candidate_hidden.norm(dim=-1, keepdim=True)  # (B*k, H)
@@ -345,9 +575,8 @@ def _contrastive_search_loop(
         if hidden_out is not None:
             all_hidden = tuple(layer[winners] for layer in candidate_layers)
         length += 1
-        # Every candidate row of b must now hold b's winner, ready for the next k candidates.
-        _keep_winners(cache, winners.repeat_interleave(k))
-        next_position = next_position + 1
+        path.keep(selected)
+        position = position + 1
 
         if has_eos_stopping_criteria:
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
@@ -360,13 +589,13 @@ def _contrastive_search_loop(
         if length >= capacity:  # only without a max-length criterion; never silently overrun the buffers
             break
 
+    path.finish(return_cache=return_dict)
     if streamer is not None:
         streamer.end()
     if not return_dict:
         return input_ids
-    # Like 4.55: the cache holds the last chosen token too; drop it (and the candidate copies) so the
-    # returned cache matches sequences[:, :-1], as with the other decoding methods.
-    cache.batch_select_indices(row_offsets)
+    # Like 4.55: the cache holds the last chosen token too; drop it so the returned cache matches
+    # sequences[:, :-1], as with the other decoding methods.
     try:
         cache.crop(-1)
     except RuntimeError:

@@ -9,11 +9,15 @@ results-file records all come from that declaration.
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+from cdlm.decoding.contrast import CD_HYPERPARAMETERS, CID_HYPERPARAMETERS, DEFAULTS, HELP, ContrastSettings
+
+if TYPE_CHECKING:  # the registry imports neither torch nor transformers (fast `cdlm --help`)
+    from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -30,11 +34,18 @@ class Param:
         return "--" + self.name.replace("_", "-")
 
 
+def check_num_beams(num_beams: Any) -> int:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    return num_beams
+
+
 class DecodingMethod(ABC):
     """A configured decoding method for one expert model.
 
-    Subclasses validate their hyperparameters in ``__init__`` (raising ``ValueError`` naming the bad
-    value) and build the ``generate()`` keyword arguments for each batch of prompts.
+    Subclasses validate their hyperparameters in ``validate`` (raising ``ValueError`` naming the bad
+    value; no model needed, so commands check them before loading one) and build the ``generate()``
+    keyword arguments for each batch of prompts.
     """
 
     name: ClassVar[str]
@@ -43,20 +54,42 @@ class DecodingMethod(ABC):
     needs_amateur: ClassVar[bool] = False
     needs_contrastive_inputs: ClassVar[bool] = False
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, amateur=None, **params):
+    def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", *, amateur=None, **params):
         self.model = model
         self.tokenizer = tokenizer
         self.amateur = amateur
-        unknown = set(params) - {p.name for p in self.params}
-        if unknown:
-            raise ValueError(f"method {self.name!r} has no hyperparameter(s) {sorted(unknown)}")
-        self.hyperparameters = {p.name: params.get(p.name, p.default) for p in self.params}
+        self.hyperparameters = self.resolve_hyperparameters(params)
         if self.needs_amateur and amateur is None:
             raise ValueError(f"method {self.name!r} needs an amateur (e.g. --amateur early-exit:8)")
 
+    @classmethod
+    def resolve_hyperparameters(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Every hyperparameter with defaults filled in, validated without a model (so commands can
+        refuse bad values before loading one). Raises ``ValueError`` naming the bad value."""
+        unknown = set(params) - {p.name for p in cls.params}
+        if unknown:
+            raise ValueError(f"method {cls.name!r} has no hyperparameter(s) {sorted(unknown)}")
+        hyperparameters = {p.name: params.get(p.name, p.default) for p in cls.params}
+        cls.validate(hyperparameters)
+        return hyperparameters
+
+    @classmethod
+    def validate(cls, hyperparameters: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a bad value; subclasses check their own hyperparameters here."""
+
     @abstractmethod
-    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
+    def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
         """Keyword arguments for ``model.generate(**batch, **kwargs)`` on this batch."""
+
+    def scoring_rule(self):
+        """How this method scores a *given* continuation in log-likelihood tasks (``cdlm.eval_harness``).
+
+        Default: the expert's plain log-likelihood (greedy, sampling and contrastive search change which
+        text is generated, not how a fixed text is scored). Contrastive methods override this.
+        """
+        from cdlm.eval_harness.task import PLAIN_LOGLIKELIHOOD
+
+        return PLAIN_LOGLIKELIHOOD
 
     def describe(self) -> dict:
         """What goes into results files: the method name and its effective hyperparameters."""
@@ -77,35 +110,148 @@ class Greedy(DecodingMethod):
 
 class Sampling(DecodingMethod):
     name = "sample"
-    description = "ancestral sampling with temperature, top-k and top-p"
+    description = "ancestral sampling with temperature, top-k, top-p and typical-p"
     params = (
         Param("temperature", float, 1.0, "softmax temperature (> 0)"),
         Param("top_k", int, 0, "keep the k most likely tokens (0: off)"),
         Param("top_p", float, 1.0, "nucleus mass to keep, in (0, 1]"),
+        Param(
+            "typical_p", float, 1.0, "locally typical sampling mass to keep, in (0, 1] (Meister et al. 2022; 1: off)"
+        ),
     )
 
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        if hp["temperature"] <= 0:
-            raise ValueError(f"temperature must be > 0, got {hp['temperature']}")
+    @classmethod
+    def validate(cls, hp):
+        if not (hp["temperature"] > 0 and math.isfinite(hp["temperature"])):
+            raise ValueError(f"temperature must be > 0 and finite, got {hp['temperature']}")
         if hp["top_k"] < 0:
             raise ValueError(f"top_k must be >= 0, got {hp['top_k']}")
         if not 0 < hp["top_p"] <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {hp['top_p']}")
+        if not 0 < hp["typical_p"] <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {hp['typical_p']}")
 
     def generate_kwargs(self, batch, contrastive_batch=None):
         hp = self.hyperparameters
-        return {"do_sample": True, "temperature": hp["temperature"], "top_k": hp["top_k"] or None, "top_p": hp["top_p"]}
+        return {
+            "do_sample": True,
+            "temperature": hp["temperature"],
+            "top_k": hp["top_k"] or None,
+            "top_p": hp["top_p"],
+            "typical_p": hp["typical_p"],
+        }
+
+
+class ContrastiveDecodingMethod(DecodingMethod):
+    """``cdlm generate --method cd``: greedy (or beam) decoding on the contrastive-decoding scores.
+
+    The processors live in ``cdlm.decoding.contrastive_decoding`` (imported when a batch is built).
+    """
+
+    name = "cd"
+    description = "contrastive decoding: expert minus amateur on the expert's plausible tokens"
+    needs_amateur = True
+    params = (
+        *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CD_HYPERPARAMETERS),
+        Param("num_beams", int, 1, "beam search width (1: greedy)"),
+    )
+
+    @classmethod
+    def validate(cls, hp):
+        ContrastSettings.from_hyperparameters("cd", hp)
+        check_num_beams(hp["num_beams"])
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.settings = ContrastSettings.from_hyperparameters("cd", self.hyperparameters)
+        if getattr(self.amateur, "kind", None) == "early-exit" and self.amateur.expert is not model:
+            raise ValueError("the early-exit amateur was built from a different model than the expert being decoded")
+
+    def scoring_rule(self):
+        """Log-likelihood tasks: ``expert_ll - weight * amateur_ll`` of the same tokens, with CD's weight rule."""
+        from cdlm.eval_harness.task import ScoringRule
+
+        return ScoringRule("contrastive", contrast="amateur", weight=self.settings.weight, amateur=self.amateur)
+
+    def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
+        from transformers import LogitsProcessorList
+
+        from cdlm.decoding.contrastive_decoding import contrastive_decoding_processor
+
+        hp = self.hyperparameters
+        processor = contrastive_decoding_processor(
+            self.amateur,
+            alpha=hp["alpha"],
+            beta=hp["beta"],
+            formulation=hp["cd_formulation"],
+            amateur_temperature=hp["amateur_temperature"],
+            attention_mask=batch.get("attention_mask"),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
+
+
+class ContrastiveInputMethod(DecodingMethod):
+    """``cdlm generate --method cid --contrastive-prompt ...``: greedy (or beam) decoding on CID scores.
+
+    The processor lives in ``cdlm.decoding.contrastive_input`` (imported when a batch is built).
+    """
+
+    name = "cid"
+    description = "contrastive input decoding: likely given the prompt, unlikely given the contrastive prompt"
+    needs_contrastive_inputs = True
+    params = (
+        *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CID_HYPERPARAMETERS),
+        Param("num_beams", int, 1, "beam search width (1: greedy)"),
+    )
+
+    @classmethod
+    def validate(cls, hp):
+        ContrastSettings.from_hyperparameters("cid", hp)
+        check_num_beams(hp["num_beams"])
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.settings = ContrastSettings.from_hyperparameters("cid", self.hyperparameters)
+
+    def scoring_rule(self):
+        """Log-likelihood tasks: ``ll(continuation | context) - cid_lambda * ll(continuation | contrastive ctx)``."""
+        from cdlm.eval_harness.task import ScoringRule
+
+        return ScoringRule("contrastive-input", contrast="contrastive-input", weight=self.settings.weight)
+
+    def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
+        from transformers import LogitsProcessorList
+
+        from cdlm.decoding.contrastive_input import ContrastiveInputLogitsProcessor
+
+        if contrastive_batch is None:
+            raise ValueError("method 'cid' needs a contrastive input per prompt")
+        rows, contrastive_rows = batch["input_ids"].shape[0], contrastive_batch["input_ids"].shape[0]
+        if rows != contrastive_rows:
+            raise ValueError(
+                f"got {contrastive_rows} contrastive inputs for a batch of {rows} inputs; give one per input"
+            )
+        hp = self.hyperparameters
+        processor = ContrastiveInputLogitsProcessor(
+            self.model,
+            contrastive_batch["input_ids"],
+            contrastive_batch.get("attention_mask"),
+            cid_lambda=hp["cid_lambda"],
+            alpha=hp["alpha"],
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
 
 
 # name -> "module:Class". Imported lazily so `cdlm --help` stays fast and optional pieces stay optional.
 _METHODS: dict[str, str] = {
     "greedy": "cdlm.decoding.methods:Greedy",
     "sample": "cdlm.decoding.methods:Sampling",
-    "cd": "cdlm.decoding.contrastive_decoding:ContrastiveDecodingMethod",
-    "cid": "cdlm.decoding.contrastive_input:ContrastiveInputMethod",
+    "cd": "cdlm.decoding.methods:ContrastiveDecodingMethod",
+    "cid": "cdlm.decoding.methods:ContrastiveInputMethod",
     "cs": "cdlm.decoding.contrastive_search:ContrastiveSearchMethod",
+    "dola": "cdlm.decoding.dola:DolaMethod",
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from cdlm.decoding.methods import DecodingMethod
+from cdlm.models.prompts import check_fits_context, eos_token_ids
 
 
 @dataclass
@@ -47,14 +48,6 @@ def strip_generated(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -
     return tokens
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def apply_stop_strings(text: str, stop: Sequence[str]) -> str:
     """Cut ``text`` at the earliest stop string (lm-eval's ``until`` semantics)."""
     cut = len(text)
@@ -83,6 +76,8 @@ def generate(
 
     ``stop`` strings end generation (via ``generate``'s ``stop_strings``) and are cut from the text.
     ``contrastive_prompts`` (same length as ``prompts``) feed methods that contrast two inputs.
+    A prompt (or contrastive prompt) that is empty or, with ``max_new_tokens``, longer than the
+    model's context raises ``ValueError`` before anything is generated.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
@@ -90,11 +85,20 @@ def generate(
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     if method.needs_contrastive_inputs:
         if contrastive_prompts is None or len(contrastive_prompts) != len(prompts):
+            given = 0 if contrastive_prompts is None else len(contrastive_prompts)
             raise ValueError(
                 f"method {method.name!r} needs one contrastive prompt per prompt "
-                f"({len(prompts)} prompts, {0 if contrastive_prompts is None else len(contrastive_prompts)} contrastive)"
+                f"({len(prompts)} prompts, {given} contrastive)"
             )
-    eos_ids = _eos_ids(model, tokenizer)
+    to_check = {
+        "prompt": prompts,
+        "contrastive prompt": contrastive_prompts if method.needs_contrastive_inputs else (),
+    }
+    for what, texts in to_check.items():
+        if texts:
+            encoded = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+            check_fits_context(model, [len(ids) for ids in encoded], max_new_tokens, what=what)
+    eos_ids = set(eos_token_ids(model, tokenizer))
     results: list[Generation] = []
     stats = GenerationStats()
     device = model.device
@@ -102,7 +106,7 @@ def generate(
         chunk = list(prompts[start : start + batch_size])
         batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
         contrastive_batch = None
-        if method.needs_contrastive_inputs:
+        if contrastive_prompts is not None and method.needs_contrastive_inputs:
             contrastive_chunk = list(contrastive_prompts[start : start + batch_size])
             contrastive_batch = tokenizer(
                 contrastive_chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
@@ -118,13 +122,13 @@ def generate(
             torch.manual_seed(seed + start)
         began = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[operator]
         elapsed = time.perf_counter() - began
         sequences = output.sequences if hasattr(output, "sequences") else output
         new = sequences[:, batch["input_ids"].shape[1] :]
         for prompt, row in zip(chunk, new):
             ids = strip_generated(row.tolist(), eos_ids, tokenizer.pad_token_id)
-            text = apply_stop_strings(tokenizer.decode(ids, skip_special_tokens=True), stop)
+            text = apply_stop_strings(str(tokenizer.decode(ids, skip_special_tokens=True)), stop)
             results.append(Generation(prompt, text, ids, elapsed))
             stats.new_tokens += len(ids)
         stats.seconds += elapsed

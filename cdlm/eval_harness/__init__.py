@@ -1,10 +1,14 @@
-"""GSM8K and HellaSwag evaluation with every cdlm decoding method, in lm-evaluation-harness 0.4.x's formats.
+"""Evaluate any cdlm decoding method on lm-evaluation-harness-style tasks (GSM8K, HellaSwag, ...).
 
-* ``evaluate(loaded, method, EvalConfig(task=...), output_dir)``: one task, one method, resumable.
+* ``evaluate(loaded, method, EvalConfig(task=...), output_dir)``: one task, one method, resumable,
+  data-parallel under ``torchrun``.
+* ``task``: the task interface (``Task``, requests, responses, ``ScoringRule``) and the task registry;
+  the built-in tasks are one module each in ``tasks/`` (``gsm8k``, ``gsm8k_cot``, ``hellaswag``).
 * ``scoring``: continuation log-likelihoods with one shared context pass per example (+ contrastive).
-* ``gsm8k`` / ``hellaswag``: prompts, preprocessing and metrics matching lm-eval.
+* ``lm_eval_model``: cdlm as an lm-evaluation-harness model (``lm_eval --model cdlm``).
 """
 
-from cdlm.eval_harness.evaluate import TASKS, EvalConfig, evaluate
+from cdlm.eval_harness.evaluate import TASKS, EvalConfig, evaluate, prepare
+from cdlm.eval_harness.task import Task, get_task, register_task, task_names
 
-__all__ = ["TASKS", "EvalConfig", "evaluate"]
+__all__ = ["TASKS", "EvalConfig", "Task", "evaluate", "get_task", "prepare", "register_task", "task_names"]

@@ -12,7 +12,7 @@ import gzip
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 # name -> file inside cdlm/data
 PACKAGED = {
@@ -21,6 +21,8 @@ PACKAGED = {
     "hellaswag/validation": "hellaswag/hellaswag_val.jsonl.gz",
     # 1,000 validation docs already rendered exactly as lm-eval's hellaswag process_docs does.
     "hellaswag/validation_olmo1000": "hellaswag/hellaswag_val_olmo1000_lmeval_processed.jsonl.gz",
+    # prompts + human continuations of the open-ended generation task (two prose domains, dev/test splits)
+    "openended": "openended/openended.jsonl.gz",
 }
 
 # hub fallbacks for users with network: (path, config name, split)
@@ -43,23 +45,35 @@ def packaged_path(name: str) -> Path:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a ``.jsonl`` or ``.jsonl.gz`` file; a bad line is reported with its line number."""
+    """Rows of a ``.jsonl`` or ``.jsonl.gz`` file; a bad line (not JSON, not an object, not UTF-8) is
+    reported with the file and its line number."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        kind = "a directory, not a data file" if path.is_dir() else "not found"
+        raise FileNotFoundError(f"data file {path} is {kind}")
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MalformedRowError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict):
-                raise MalformedRowError(f"{path}: line {line_number} is not a JSON object")
-            rows.append(row)
+    try:
+        with opener(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise MalformedRowError(
+                        f"{path}: line {line_number} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                        f"column {error.start + 1})"
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise MalformedRowError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise MalformedRowError(f"{path}: line {line_number} is not a JSON object")
+                rows.append(row)
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise MalformedRowError(f"{path}: not a readable gzip file ({error})") from None
     return rows
 
 
@@ -88,7 +102,7 @@ def load_rows(source: str | None, default: str) -> tuple[list[dict], str]:
     return read_jsonl(source), str(Path(source).resolve())
 
 
-def validate_rows(rows: Sequence[dict], fields: dict[str, type | tuple[type, ...]], where: str) -> None:
+def validate_rows(rows: Sequence[dict], fields: Mapping[str, type | tuple[type, ...]], where: str) -> None:
     """Raise ``MalformedRowError`` naming the first row that lacks a field or has the wrong type."""
     if not rows:
         raise MalformedRowError(f"{where}: no rows")

@@ -1,13 +1,18 @@
-"""Run one task with one decoding method on one model: resumable, with progress and a results JSON.
+"""Run one task with one decoding method on one model: resumable, data-parallel, with a results JSON.
 
-``evaluate`` is what ``cdlm eval`` and ``cdlm compare`` call. Generation tasks (``gsm8k``,
-``gsm8k_cot``) go through the shared runner (``cdlm.decoding.runner.generate``) with any registered
-method, or through any function with the runner's signature (``generate_fn``; e.g. the vLLM backend's
-``runner_compatible(load_vllm(...))``); ``hellaswag`` is scored by log-likelihood, where the method chooses the scoring rule:
+``evaluate`` is what ``cdlm eval`` and ``cdlm compare`` call. It knows tasks only through the
+``Task`` interface (``cdlm.eval_harness.task``) and methods only through ``DecodingMethod``:
 
-* ``cd``: contrastive scoring, ``expert_ll - beta * amateur_ll`` with the method's amateur and ``beta``;
-* ``cid``: contrastive-input scoring, ``ll(ending | context) - cid_lambda * ll(ending | "Label:")``;
-* any other method: plain log-likelihood (decoding methods do not change how a fixed text is scored).
+* ``generate_until`` requests go through the shared runner (``cdlm.decoding.runner.generate``) with
+  the method, or through any function with the runner's signature (``generate_fn``; e.g. the vLLM
+  backend's ``runner_compatible(load_vllm(...))``);
+* ``loglikelihood`` requests are scored by transformers under the method's own scoring rule
+  (``method.scoring_rule()``: plain log-likelihood, or expert minus weight x amateur / contrastive input).
+
+Everything is validated (data, few-shot settings, chat template, the run signature against an existing
+run) before anything is written. Under ``torchrun`` the processing chunks are dealt out to the ranks
+(``cdlm.eval_harness.distributed``) and rank 0 merges the per-rank records into the same results as
+one process.
 """
 
 from __future__ import annotations
@@ -15,23 +20,26 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from cdlm.eval_harness import gsm8k as gsm8k_task
-from cdlm.eval_harness import hellaswag as hellaswag_task
-from cdlm.eval_harness.data import load_rows, take, validate_rows
-from cdlm.eval_harness.metrics import mean_and_stderr, multiple_choice_predictions
+from cdlm.eval_harness.distributed import Shard, current_shard
 from cdlm.eval_harness.records import RunFolder, atomic_write_json
+from cdlm.eval_harness.task import (
+    GENERATE_UNTIL,
+    PLAIN_LOGLIKELIHOOD,
+    GenerationRequest,
+    GenerationResponse,
+    ScoringRule,
+    Task,
+    TaskData,
+    get_task,
+    task_names,
+)
+from cdlm.run_identity import weights_fingerprint
 
-TASKS = ("gsm8k", "gsm8k_cot", "hellaswag")
-GENERATION_TASKS = ("gsm8k", "gsm8k_cot")
-PRIMARY_METRIC = {
-    "gsm8k": "exact_match,strict-match",
-    "gsm8k_cot": "exact_match,strict-match",
-    "hellaswag": "acc_norm",
-}
+TASKS = task_names()
 
 
 @dataclass
@@ -40,33 +48,64 @@ class EvalConfig:
 
     task: str
     limit: int | None = None
-    num_fewshot: int | None = None  # None: the task's default (5, 8, 0)
+    num_fewshot: int | None = None  # None: the task's default (gsm8k 5, gsm8k_cot 8, hellaswag 0)
     data: str | None = None  # None: packaged copy; "hub"; or a jsonl(.gz) path
     fewshot_data: str | None = None  # gsm8k train rows (None: packaged train split)
     max_new_tokens: int = 256  # lm-eval's max_gen_toks default
     batch_size: int = 8
     seed: int = 0
-    shared_context: bool = True  # hellaswag: one context pass per example (False: lm-eval-style naive)
-    extra: dict = field(default_factory=dict)
+    shared_context: bool = True  # loglikelihood: one context pass per example (False: lm-eval-style naive)
+    apply_chat_template: bool = False  # each prompt as one user turn of the chat template, as lm-eval's flag
+    extra: dict = field(default_factory=dict)  # task-specific settings (read by the task)
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.task not in task_names():
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(task_names())}")
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit must be a positive number of examples, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ValueError(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {self.batch_size}")
 
 
+@dataclass
+class PreparedTask:
+    """A task with its documents loaded and validated and one request per document."""
+
+    task: Task
+    data: TaskData
+    requests: list
+
+
+def prepare(config: EvalConfig) -> PreparedTask:
+    """Load, validate and build every request; needs no model, so commands call it before loading one."""
+    task = get_task(config.task)
+    unknown = sorted(set(config.extra) - set(task.options))
+    if unknown:
+        takes = f"it takes {', '.join(task.options)}" if task.options else "it takes none"
+        raise ValueError(f"task {task.name!r} has no option(s) {', '.join(unknown)}; {takes}")
+    data = task.load(config)
+    requests = task.build_requests(data, config)
+    if len(requests) != len(data.docs):
+        raise AssertionError(f"task {task.name!r} built {len(requests)} requests for {len(data.docs)} documents")
+    return PreparedTask(task, data, requests)
+
+
 def check_backend(task: str, backend: str) -> None:
     """Only generation tasks can use another generation backend; say so before anything loads."""
-    if backend != "transformers" and task not in GENERATION_TASKS:
+    if backend != "transformers" and get_task(task).output_type != GENERATE_UNTIL:
         raise ValueError(
             f"the {backend} backend generates text; task {task!r} is scored by log-likelihood with "
             f"transformers, so run it with --backend transformers"
         )
+
+
+def scoring_rule_of(method) -> ScoringRule:
+    """The method's log-likelihood scoring rule (plain log-likelihood without a method)."""
+    return method.scoring_rule() if method is not None else PLAIN_LOGLIKELIHOOD
 
 
 def _versions() -> dict:
@@ -84,41 +123,59 @@ def _versions() -> dict:
     }
 
 
-def load_task_docs(config: EvalConfig) -> tuple[list[dict], str, list[dict] | None]:
-    """(docs, data source description, few-shot pool) for the task, validated and limited."""
-    if config.task in GENERATION_TASKS:
-        rows, source = load_rows(config.data, "gsm8k/test")
-        validate_rows(rows, gsm8k_task.FIELDS, source)
-        pool = None
-        fmt = gsm8k_task.FORMATS[config.task]
-        shots = fmt.num_fewshot if config.num_fewshot is None else config.num_fewshot
-        if config.task == "gsm8k" and shots > 0:
-            pool, pool_source = load_rows(config.fewshot_data, "gsm8k/train")
-            validate_rows(pool, gsm8k_task.FIELDS, pool_source)
-        return take(rows, config.limit), source, pool
-    rows, source = load_rows(config.data, "hellaswag/validation")
-    docs = hellaswag_task.process_rows(rows, source)
-    return take(docs, config.limit), source, docs
-
-
-def _hellaswag_scoring(method) -> dict:
-    name = getattr(method, "name", "greedy")
-    hp = getattr(method, "hyperparameters", {}) or {}
-    if name == "cd":
-        return {"scoring": "contrastive", "beta": float(hp.get("beta", 0.5)), "formula": "expert_ll - beta * amateur_ll"}
-    if name == "cid":
-        return {
-            "scoring": "contrastive-input",
-            "beta": float(hp.get("cid_lambda", 0.5)),
-            "formula": "ll(ending | context) - beta * ll(ending | activity label)",
-        }
-    return {"scoring": "loglikelihood"}
-
-
 def _method_record(method) -> dict:
-    if method is None:
-        return {"method": "greedy"}
-    return method.describe()
+    return {"method": "greedy"} if method is None else method.describe()
+
+
+def _with_chat_template(requests: list, tokenizer) -> list:
+    """lm-eval's ``--apply_chat_template`` (few-shot collapsed into one user turn): every prompt or
+    context becomes one user message followed by the generation prompt; multiple-choice continuations
+    then start the assistant turn, so their target delimiter is dropped."""
+    from cdlm.models.prompts import render_prompts, uses_chat_template
+
+    if not uses_chat_template(tokenizer):
+        raise ValueError("--apply-chat-template was given but the model's tokenizer has no chat template")
+
+    def render(text: str) -> str:
+        return render_prompts(tokenizer, [text])[0]
+
+    def render_optional(text: str | None) -> str | None:
+        return None if text is None else render(text)
+
+    out = []
+    for request in requests:
+        if isinstance(request, GenerationRequest):
+            out.append(
+                replace(
+                    request,
+                    prompt=render(request.prompt),
+                    contrastive_prompt=render_optional(request.contrastive_prompt),
+                )
+            )
+        else:
+            out.append(
+                replace(
+                    request,
+                    context=render(request.context),
+                    contrastive_context=render_optional(request.contrastive_context),
+                    target_delimiter="",
+                )
+            )
+    return out
+
+
+def _check_method_fits(task: Task, requests: Sequence, method, rule: ScoringRule) -> None:
+    needs_contrast_input = (
+        rule.contrast == "contrastive-input"
+        if task.output_type != GENERATE_UNTIL
+        else getattr(method, "needs_contrastive_inputs", False)
+    )
+    if needs_contrast_input:
+        field_name = "contrastive_context" if task.output_type != GENERATE_UNTIL else "contrastive_prompt"
+        if any(getattr(r, field_name) is None for r in requests):
+            raise ValueError(
+                f"method {method.name!r} needs a contrastive input; task {task.name!r} does not provide one"
+            )
 
 
 def evaluate(
@@ -130,65 +187,118 @@ def evaluate(
     overwrite: bool = False,
     generate_fn: Callable | None = None,
     progress: Callable[[str], None] = lambda message: print(message, file=sys.stderr, flush=True),
+    prepared: PreparedTask | None = None,
+    shard: Shard | None = None,
 ) -> dict:
     """Evaluate ``loaded`` (a ``LoadedModel``) with ``method`` (a ``DecodingMethod``) on ``config.task``.
 
     Writes ``run.json``, ``samples.jsonl`` and ``results.json`` under ``output_dir`` and returns the
-    results dict. Finished examples already in ``samples.jsonl`` are reused (resume).
+    results dict. Finished examples already in the folder are reused (resume) if the run signature
+    (data contents, weights, dtype, device, method, scoring rule, task version, backend, settings)
+    is unchanged; otherwise the run is refused naming what changed.
 
     ``generate_fn`` replaces the transformers runner for generation tasks (same signature as
-    ``cdlm.decoding.runner.generate``); its ``backend`` attribute, if any, names it in the run's
-    signature, so a run is never resumed with outputs from a different backend. Log-likelihood
-    tasks are scored by transformers and reject another backend rather than silently ignoring it.
+    ``cdlm.decoding.runner.generate``); its ``backend`` attribute, if any, names it in the signature.
+    ``prepared``: the output of ``prepare(config)`` if the caller already validated the task.
+    ``shard``: this process's part of a data-parallel run (default: from ``torch.distributed``).
     """
+    shard = shard or current_shard()
     backend = getattr(generate_fn, "backend", "transformers") if generate_fn is not None else "transformers"
     check_backend(config.task, backend)
-    docs, source, pool = load_task_docs(config)
+    prepared = prepared or prepare(config)
+    task, data, requests = prepared.task, prepared.data, prepared.requests
+    if config.apply_chat_template:
+        requests = _with_chat_template(requests, loaded.tokenizer)
+    rule = scoring_rule_of(method)
+    _check_method_fits(task, requests, method, rule)
     method_record = _method_record(method)
     model_record = {"reference": loaded.reference, "source": loaded.source, **loaded.details}
-    scoring = _hellaswag_scoring(method) if config.task == "hellaswag" else None
+    scoring = rule.describe() if task.output_type != GENERATE_UNTIL else None
+    amateur_model = getattr(getattr(method, "amateur", None), "model", None)
     signature = {
-        "task": config.task,
+        "task": task.describe(),
         "config": {k: v for k, v in asdict(config).items() if k not in ("batch_size", "limit")},
-        "model": loaded.reference,
+        "data": data.fingerprints,
+        "model": {
+            "reference": loaded.reference,
+            "weights": weights_fingerprint(loaded.model),
+            "dtype": str(loaded.model.dtype).replace("torch.", ""),
+            "device": loaded.model.device.type,
+        },
         "method": method_record,
+        "amateur_weights": weights_fingerprint(amateur_model) if amateur_model is not None else None,
         "scoring": scoring,
         "backend": backend,
     }
-    run = RunFolder(output_dir, signature, overwrite=overwrite)
+    run = RunFolder.open(output_dir, signature, overwrite=overwrite, shard=shard)
     finished = run.finished()
-    todo = [i for i in range(len(docs)) if i not in finished]
-    label = f"[{config.task} | {method_record['method']}]"
+    shard.barrier()  # every rank has read the finished records before any rank appends new ones
+    chunks = _chunks(task, config, len(requests))
+    mine = [[i for i in chunk if i not in finished] for k, chunk in enumerate(chunks) if shard.owns(k)]
+    mine = [chunk for chunk in mine if chunk]
+    todo_count = sum(map(len, mine))
+    label = f"[{task.name} | {method_record['method']}" + (
+        f" | rank {shard.rank}/{shard.world_size}]" if shard.world_size > 1 else "]"
+    )
     if finished:
-        progress(f"{label} resuming: {len(docs) - len(todo)}/{len(docs)} examples already done in {run.folder}")
+        progress(f"{label} resuming: {len(finished)}/{len(requests)} examples already done in {run.folder}")
     began = time.perf_counter()
-    if todo:
-        if config.task in GENERATION_TASKS:
-            _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress, generate_fn)
-        else:
-            _run_hellaswag(loaded, method, config, docs, pool, todo, run, scoring, label, progress)
+    if mine:
+        runner = _run_generation if task.output_type == GENERATE_UNTIL else _run_loglikelihood
+        runner(loaded, method, rule, config, task, data.docs, requests, mine, run, label, progress, generate_fn)
     wall = time.perf_counter() - began
-    records = run.finished()
-    records = [records[i] for i in range(len(docs)) if i in records]
-    if len(records) != len(docs):
-        raise RuntimeError(f"{run.samples_path} has {len(records)} of {len(docs)} examples after the run")
-    results = _summarise(config, records)
+    shard.barrier()
+    if shard.is_main:
+        merged = run.merge()
+        missing = [i for i in range(len(requests)) if i not in merged]
+        if missing:
+            raise RuntimeError(
+                f"{run.folder} lacks {len(missing)} of {len(requests)} examples after the run (first: {missing[0]})"
+            )
+        payload = _results(
+            task,
+            config,
+            data,
+            [merged[i] for i in range(len(requests))],
+            model_record,
+            method_record,
+            scoring,
+            backend,
+            run,
+            wall,
+            todo_count,
+            shard,
+        )
+        atomic_write_json(run.results_path, payload)
+    shard.barrier()
+    if not shard.is_main:
+        payload = run.read_results()
+    return payload
+
+
+def _results(
+    task, config, data, records, model_record, method_record, scoring, backend, run, wall, todo_count, shard
+) -> dict:
     seconds = sum(r["seconds"] for r in records)
     timing = {
         "seconds_total": seconds,
         "examples_per_second": len(records) / seconds if seconds else None,
         "wall_seconds_this_run": wall,
-        "examples_this_run": len(todo),
+        "examples_this_run": todo_count if shard.world_size == 1 else None,
+        "processes": shard.world_size,
     }
-    if config.task in GENERATION_TASKS:
+    if task.output_type == GENERATE_UNTIL:
         tokens = sum(r["num_tokens"] for r in records)
         timing.update(new_tokens=tokens, tokens_per_second=tokens / seconds if seconds else None)
-    payload = {
-        "task": config.task,
-        "results": results,
+    return {
+        "task": task.name,
+        "task_version": task.version,
+        "results": task.aggregate(records),
         "n_samples": len(records),
-        "primary_metric": PRIMARY_METRIC[config.task],
-        "config": {**asdict(config), "data_source": source},
+        "primary_metric": task.primary_metric,
+        "num_fewshot": task.num_fewshot(config),
+        "higher_is_better": {name: True for name in task.metrics},
+        "config": {**asdict(config), "data_source": data.source, "data_fingerprints": data.fingerprints},
         "model": model_record,
         "method": method_record,
         "scoring": scoring,
@@ -197,134 +307,95 @@ def evaluate(
         "timing": timing,
         "samples": str(run.samples_path),
     }
-    atomic_write_json(run.results_path, payload)
-    return payload
 
 
-def _summarise(config: EvalConfig, records: list[dict]) -> dict:
-    if config.task in GENERATION_TASKS:
-        names = ["exact_match,strict-match", "exact_match,flexible-extract"]
-    else:
-        names = ["acc", "acc_norm"]
-    results = {}
-    for name in names:
-        mean, stderr = mean_and_stderr([r[name] for r in records])
-        results[name] = mean
-        results[name.replace(",", "_stderr,") if "," in name else name + "_stderr"] = stderr
-    return results
+def _chunks(task: Task, config: EvalConfig, count: int) -> list[list[int]]:
+    """Fixed processing chunks over all documents: results are flushed per chunk, ranks own whole chunks.
+
+    The boundaries depend only on the task type, the batch size and the number of documents, so a
+    chunk is batched identically whichever process (or resumed run) computes it.
+    """
+    size = config.batch_size if task.output_type == GENERATE_UNTIL else max(config.batch_size * 4, 32)
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
-def _run_gsm8k(loaded, method, config, docs, pool, todo, run, label, progress, generate_fn) -> None:
+def _run_generation(
+    loaded, method, rule, config, task, docs, requests, chunks, run, label, progress, generate_fn
+) -> None:
     if generate_fn is None:
         from cdlm.decoding.runner import generate as generate_fn
+    from cdlm.models.prompts import adds_special_tokens
 
-    fmt = gsm8k_task.FORMATS[config.task]
-    prompts = gsm8k_task.build_prompts(fmt, docs, pool, config.num_fewshot)
-    contrastive = gsm8k_task.contrastive_prompts(fmt, docs) if method.needs_contrastive_inputs else None
-    stop = list(fmt.until)
     eos = loaded.tokenizer.eos_token
-    if eos and eos not in stop:  # lm-eval's HF backend adds the decoded EOS to `until`
-        stop.append(eos)
-    # Chunks of a few batches: the JSONL grows as we go, so an interrupted run loses at most one chunk.
-    chunk_size = config.batch_size
-    done = len(docs) - len(todo)
+    add_special = adds_special_tokens(loaded.tokenizer, config.apply_chat_template)
+    total = sum(map(len, chunks))
+    done = 0
     started = time.perf_counter()
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
-        generations, stats = generate_fn(
+    for chunk in chunks:
+        # Requests in one call share the stop strings and budget; split the chunk where they differ.
+        for group in _groups(chunk, lambda i: (requests[i].until, requests[i].max_new_tokens)):
+            stop = list(requests[group[0]].until)
+            if eos and eos not in stop:  # lm-eval's HF backend adds the decoded EOS to `until`
+                stop.append(eos)
+            contrastive = [requests[i].contrastive_prompt for i in group]
+            kwargs = {} if add_special else {"add_special_tokens": False}
+            generations, stats = generate_fn(
+                loaded.model,
+                loaded.tokenizer,
+                [requests[i].prompt for i in group],
+                method,
+                max_new_tokens=requests[group[0]].max_new_tokens or config.max_new_tokens,
+                batch_size=config.batch_size,
+                contrastive_prompts=contrastive if getattr(method, "needs_contrastive_inputs", False) else None,
+                stop=stop,
+                seed=config.seed + group[0],
+                **kwargs,
+            )
+            share = stats.seconds / len(group)
+            records = []
+            for index, generation in zip(group, generations):
+                response = GenerationResponse(generation.text, len(generation.token_ids))
+                record = task.process_result(docs[index], requests[index], response)
+                records.append({"index": index, **record, "num_tokens": response.num_tokens, "seconds": share})
+            run.append(records)
+            done += len(group)
+            elapsed = time.perf_counter() - started
+            progress(f"{label} {done}/{total} examples, {stats.tokens_per_second:.1f} tokens/s, {elapsed:.0f}s")
+
+
+def _groups(indices: list[int], key) -> list[list[int]]:
+    groups: dict = {}
+    for index in indices:
+        groups.setdefault(key(index), []).append(index)
+    return list(groups.values())
+
+
+def _run_loglikelihood(
+    loaded, method, rule, config, task, docs, requests, chunks, run, label, progress, generate_fn
+) -> None:
+    from cdlm.eval_harness.scoring import score_under_rule
+    from cdlm.models.prompts import adds_special_tokens
+
+    add_special = adds_special_tokens(loaded.tokenizer, config.apply_chat_template)
+    total = sum(map(len, chunks))
+    started = time.perf_counter()
+    done = 0
+    for chunk in chunks:
+        chunk_began = time.perf_counter()
+        responses = score_under_rule(
             loaded.model,
             loaded.tokenizer,
-            [prompts[i] for i in chunk],
-            method,
-            max_new_tokens=config.max_new_tokens,
+            rule,
+            [(requests[i].context, requests[i].continuations, requests[i].contrastive_context) for i in chunk],
+            add_special_tokens=add_special,
             batch_size=config.batch_size,
-            contrastive_prompts=[contrastive[i] for i in chunk] if contrastive else None,
-            stop=stop,
-            seed=config.seed + chunk[0],
+            shared_context=config.shared_context,
         )
-        share = stats.seconds / len(chunk)
-        records = []
-        for index, generation in zip(chunk, generations):
-            doc = docs[index]
-            records.append(
-                {
-                    "index": index,
-                    "question": doc["question"],
-                    "target": fmt.reference(doc),
-                    "prompt": prompts[index],
-                    "contrastive_prompt": contrastive[index] if contrastive else None,
-                    "response": generation.text,
-                    "num_tokens": len(generation.token_ids),
-                    **gsm8k_task.score(fmt, generation.text, doc),
-                    "seconds": share,
-                }
-            )
-        run.append(records)
-        done += len(chunk)
-        elapsed = time.perf_counter() - started
-        progress(f"{label} {done}/{len(docs)} examples, {stats.tokens_per_second:.1f} tokens/s, {elapsed:.0f}s")
-
-
-def _run_hellaswag(loaded, method, config, docs, pool, todo, run, scoring, label, progress) -> None:
-    from cdlm.eval_harness.scoring import encode_request, score_requests
-
-    tokenizer, model = loaded.tokenizer, loaded.model
-    num_fewshot = config.num_fewshot or 0
-    all_contexts = hellaswag_task.contexts(docs, num_fewshot, pool)
-    selected = [docs[i] for i in todo]
-    contexts = [all_contexts[i] for i in todo]
-    requests = [encode_request(tokenizer, ctx, hellaswag_task.continuations(d)) for ctx, d in zip(contexts, selected)]
-    amateur = getattr(method, "amateur", None) if scoring["scoring"] == "contrastive" else None
-    early_exit = amateur if getattr(amateur, "kind", None) == "early-exit" else None
-    # Score in chunks so finished examples reach the JSONL (resume) and progress shows.
-    chunk_size = max(config.batch_size * 4, 32)
-    started = time.perf_counter()
-    done = len(docs) - len(todo)
-    for start in range(0, len(todo), chunk_size):
-        span = slice(start, start + chunk_size)
-        chunk_began = time.perf_counter()
-        kwargs = {"batch_size": config.batch_size, "shared_context": config.shared_context}
-        expert, amateur_scores = score_requests(model, tokenizer, requests[span], early_exit=early_exit, **kwargs)
-        if amateur is not None and early_exit is None:  # a separate amateur scores the same token sequences
-            amateur_scores, _ = score_requests(amateur.model, tokenizer, requests[span], **kwargs)
-        contrast_scores = None
-        if scoring["scoring"] == "contrastive-input":
-            contrast_contexts = hellaswag_task.contrastive_contexts(selected[span])
-            contrast_requests = [
-                encode_request(tokenizer, ctx, hellaswag_task.continuations(d)) for ctx, d in zip(contrast_contexts, selected[span])
-            ]
-            contrast_scores, _ = score_requests(model, tokenizer, contrast_requests, **kwargs)
         elapsed = time.perf_counter() - chunk_began
         records = []
-        for offset, index in enumerate(todo[span]):
-            doc = docs[index]
-            expert_ll = [s.loglikelihood for s in expert[offset]]
-            if scoring["scoring"] == "contrastive":
-                amateur_ll = [s.loglikelihood for s in amateur_scores[offset]]
-                scores = [e - scoring["beta"] * a for e, a in zip(expert_ll, amateur_ll)]
-            elif scoring["scoring"] == "contrastive-input":
-                amateur_ll = [s.loglikelihood for s in contrast_scores[offset]]
-                scores = [e - scoring["beta"] * a for e, a in zip(expert_ll, amateur_ll)]
-            else:
-                amateur_ll, scores = None, expert_ll
-            pred, pred_norm = multiple_choice_predictions(scores, doc["choices"])
-            records.append(
-                {
-                    "index": index,
-                    "gold": doc["gold"],
-                    "pred": pred,
-                    "pred_norm": pred_norm,
-                    "acc": float(pred == doc["gold"]),
-                    "acc_norm": float(pred_norm == doc["gold"]),
-                    "scores": scores,
-                    "expert_loglikelihoods": expert_ll,
-                    "contrast_loglikelihoods": amateur_ll,
-                    "is_greedy": [s.is_greedy for s in expert[offset]],
-                    "num_tokens": [s.num_tokens for s in expert[offset]],
-                    "seconds": elapsed / len(todo[span]),
-                }
-            )
+        for index, response in zip(chunk, responses):
+            record = task.process_result(docs[index], requests[index], response)
+            records.append({"index": index, **record, "seconds": elapsed / len(chunk)})
         run.append(records)
         done += len(records)
-        total = time.perf_counter() - started
-        progress(f"{label} {done}/{len(docs)} examples, {(done - (len(docs) - len(todo))) / total:.1f} examples/s")
+        progress(f"{label} {done}/{total} examples, {done / (time.perf_counter() - started):.1f} examples/s")

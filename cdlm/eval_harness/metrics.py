@@ -69,6 +69,13 @@ def multiple_choice_predictions(scores: Sequence[float], choices: Sequence[str])
     return pred, pred_norm
 
 
+def stderr_key(metric: str) -> str:
+    """lm-eval's name for a metric's standard error: ``acc`` -> ``acc_stderr``,
+    ``exact_match,strict-match`` -> ``exact_match_stderr,strict-match`` (the filter name stays last)."""
+    name, comma, filter_name = metric.partition(",")
+    return f"{name}_stderr{comma}{filter_name}"
+
+
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n)), lm-eval's ``mean_stderr``."""
     n = len(values)

@@ -1,9 +1,11 @@
-"""Summary tables (plain text / markdown) and an optional comparison plot of results dicts."""
+"""Summary tables (plain text / markdown), an optional comparison plot, and lm-eval's results layout."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
+
+from cdlm.eval_harness.metrics import stderr_key
 
 
 def _fmt(value) -> str:
@@ -23,7 +25,6 @@ def rows(results: Sequence[dict]) -> list[dict]:
         for name, value in result["results"].items():
             if "_stderr" in name:
                 continue
-            stderr_key = name.replace(",", "_stderr,") if "," in name else name + "_stderr"
             timing = result.get("timing", {})
             out.append(
                 {
@@ -31,13 +32,48 @@ def rows(results: Sequence[dict]) -> list[dict]:
                     "method": label,
                     "metric": name,
                     "value": value,
-                    "stderr": result["results"].get(stderr_key),
+                    "stderr": result["results"].get(stderr_key(name)),
                     "n": result["n_samples"],
                     "examples/s": timing.get("examples_per_second"),
                     "tokens/s": timing.get("tokens_per_second"),
                 }
             )
     return out
+
+
+def lm_eval_key(metric: str) -> str:
+    """cdlm's metric name in lm-eval's ``metric,filter`` form: ``acc`` -> ``acc,none``; filtered names stay."""
+    return metric if "," in metric else metric + ",none"
+
+
+def lm_eval_layout(result: dict) -> dict:
+    """One cdlm results dict in the layout of lm-eval 0.4.x's ``results_<date>.json``.
+
+    Metrics sit under ``results[<task>]`` keyed ``acc,none`` / ``acc_stderr,none`` (``make_table`` and
+    other lm-eval tooling read them there), with ``versions``, ``n-shot``, ``higher_is_better`` and
+    ``n-samples`` beside them; cdlm's own record (method, scoring, timing) is kept under ``cdlm``.
+    """
+    task = result["task"]
+    metrics = {"alias": task}
+    for name, value in result["results"].items():
+        metrics[lm_eval_key(name)] = value if value == value else "N/A"  # lm-eval writes NaN stderrs as "N/A"
+    higher = result.get("higher_is_better") or {}
+    method = result["method"]
+    model_args = ",".join(f"{k}={v}" for k, v in {"pretrained": result["model"]["reference"], **method}.items())
+    return {
+        "results": {task: metrics},
+        "versions": {task: result.get("task_version")},
+        "n-shot": {task: result.get("num_fewshot")},
+        "higher_is_better": {task: {name: value for name, value in higher.items()}},
+        "n-samples": {task: {"original": result["n_samples"], "effective": result["n_samples"]}},
+        "config": {
+            "model": "cdlm",
+            "model_args": model_args,
+            "batch_size": result["config"].get("batch_size"),
+            "limit": result["config"].get("limit"),
+        },
+        "cdlm": {k: result[k] for k in ("method", "scoring", "backend", "model", "timing", "versions") if k in result},
+    }
 
 
 COLUMNS = ("task", "method", "metric", "value", "stderr", "n", "examples/s", "tokens/s")
@@ -70,8 +106,13 @@ def plot(results: Sequence[dict], path: str | Path, title: str | None = None) ->
     methods = list(dict.fromkeys(r["method"] for r in table))
     figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.5), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        values = [next((r["value"] for r in table if r["metric"] == metric and r["method"] == m), 0.0) for m in methods]
-        errors = [next((r["stderr"] or 0.0 for r in table if r["metric"] == metric and r["method"] == m), 0.0) for m in methods]
+        values = [
+            next((r["value"] for r in table if r["metric"] == metric and r["method"] == m), 0.0) for m in methods
+        ]
+        errors = [
+            next((r["stderr"] or 0.0 for r in table if r["metric"] == metric and r["method"] == m), 0.0)
+            for m in methods
+        ]
         axis.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
         axis.set_title(metric)
         axis.set_ylim(0, max(1e-6, max(v + e for v, e in zip(values, errors)) * 1.2))

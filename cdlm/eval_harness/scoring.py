@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from cdlm.models.amateur import head_logits
+from cdlm.models.lm_head import head_logits
 
 
 @dataclass
@@ -51,10 +51,13 @@ class ChoiceScore:
     num_tokens: int
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuation: str, add_special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """lm-eval 0.4.x ``_encode_pair`` for causal models with the tokenizer's default special tokens.
 
     An empty context is replaced by the model's prefix token (BOS, else EOS), as lm-eval does.
+    ``add_special_tokens=False`` for chat-rendered text, whose template already wrote them.
     """
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -63,13 +66,15 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, context: str, continuation: 
     if spaces:
         continuation = context[-spaces:] + continuation
         context = context[:-spaces]
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=add_special_tokens)
+    context_ids = tokenizer.encode(context, add_special_tokens=add_special_tokens)
     return context_ids, whole[len(context_ids) :]
 
 
-def encode_request(tokenizer: PreTrainedTokenizerBase, context: str, continuations: Sequence[str]) -> EncodedRequest:
-    pairs = [encode_pair(tokenizer, context, c) for c in continuations]
+def encode_request(
+    tokenizer: PreTrainedTokenizerBase, context: str, continuations: Sequence[str], add_special_tokens: bool = True
+) -> EncodedRequest:
+    pairs = [encode_pair(tokenizer, context, c, add_special_tokens) for c in continuations]
     contexts = {tuple(p[0]) for p in pairs}
     if len(contexts) != 1:  # cannot happen: the context encoding does not depend on the continuation
         raise AssertionError("context encodings differ between continuations")
@@ -93,7 +98,9 @@ def can_pack(model: PreTrainedModel, requests: Sequence[EncodedRequest]) -> bool
     A custom 4-D mask replaces the model's own mask on every layer, so sliding-window layers would
     see the full row: that is exact only while every (context + choice) fits in the window.
     """
-    if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa") or not hasattr(model, "get_decoder"):
+    if getattr(model.config, "_attn_implementation", None) not in ("eager", "sdpa") or not hasattr(
+        model, "get_decoder"
+    ):
         return False
     window = getattr(model.config, "sliding_window", None)
     longest = max(len(r.context) + max(map(len, r.continuations)) for r in requests)
@@ -174,15 +181,22 @@ def score_batch_packed(
     mask = _segment_mask(segment, model.dtype)
     with _captured_exit_states(early_exit) as captured:
         hidden = model.get_decoder()(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=False
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
         ).last_hidden_state
         rows, predictors, targets = rows.to(device), predictors.to(device), targets.to(device)
         expert_flat = _sum_per_choice(head_logits(model, hidden[rows, predictors]), targets, lengths)
         amateur_flat = None
         if captured is not None:
             exit_hidden = captured.pop()
-            amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(exit_hidden[rows, predictors]), targets, lengths)
-    return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
+            amateur_flat = _sum_per_choice(
+                early_exit.logits_from_hidden(exit_hidden[rows, predictors]), targets, lengths
+            )
+    return _regroup(requests, expert_flat, lengths), (
+        _regroup(requests, amateur_flat, lengths) if amateur_flat else None
+    )
 
 
 @torch.inference_mode()
@@ -214,12 +228,19 @@ def score_batch_shared(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     with _captured_exit_states(early_exit) as captured:
-        model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         if captured is not None:
             captured.clear()
         # Fan the cache out: one row per (request, continuation).
         owners = [row for row, r in enumerate(requests) for _ in r.continuations]
-        cache.reorder_cache(torch.tensor(owners, device=device))
+        cache.reorder_cache(torch.tensor(owners, device=device))  # type: ignore[arg-type]
         rows = [(r.context[-1:] + cont[:-1], cont) for r in requests for cont in r.continuations]
         length = max(len(inp) for inp, _ in rows)
         inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -234,7 +255,9 @@ def score_batch_shared(
         full_mask = torch.cat([mask[owner_index], cont_mask], dim=1)
         start = mask.sum(-1)[owner_index].unsqueeze(-1)
         positions2 = start + torch.arange(length, device=device).unsqueeze(0)
-        logits = model(input_ids=inputs, attention_mask=full_mask, position_ids=positions2, past_key_values=cache, use_cache=True).logits
+        logits = model(
+            input_ids=inputs, attention_mask=full_mask, position_ids=positions2, past_key_values=cache, use_cache=True
+        ).logits
         lengths = [len(cont) for _, cont in rows]
         real = cont_mask.bool()  # row-major, so choice tokens come out in order, choice after choice
         expert_flat = _sum_per_choice(logits[real], targets[real], lengths)
@@ -242,7 +265,9 @@ def score_batch_shared(
         if captured is not None:
             hidden = captured.pop()
             amateur_flat = _sum_per_choice(early_exit.logits_from_hidden(hidden[real]), targets[real], lengths)
-    return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
+    return _regroup(requests, expert_flat, lengths), (
+        _regroup(requests, amateur_flat, lengths) if amateur_flat else None
+    )
 
 
 @torch.inference_mode()
@@ -262,7 +287,9 @@ def score_batch_naive(
                     hidden = captured.pop()[0, len(request.context) - 1 : -1]
                     amateur_flat += _sum_per_choice(early_exit.logits_from_hidden(hidden), target, [len(cont)])
             lengths.append(len(cont))
-    return _regroup(requests, expert_flat, lengths), (_regroup(requests, amateur_flat, lengths) if amateur_flat else None)
+    return _regroup(requests, expert_flat, lengths), (
+        _regroup(requests, amateur_flat, lengths) if amateur_flat else None
+    )
 
 
 def _regroup(requests, flat, lengths) -> list[list[ChoiceScore]]:
@@ -309,9 +336,55 @@ def score_requests(
         e, a = scorer(model, [requests[i] for i in chunk], pad_id, early_exit=early_exit)
         for position, index in enumerate(chunk):
             expert[index] = e[position]
-            if amateur is not None:
+            if amateur is not None and a is not None:
                 amateur[index] = a[position]
         done += len(chunk)
         if on_batch is not None:
             on_batch(done, len(requests))
     return expert, amateur
+
+
+def score_under_rule(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rule,
+    requests: Sequence[tuple[str, Sequence[str], str | None]],
+    *,
+    add_special_tokens: bool = True,
+    batch_size: int = 16,
+    shared_context: bool = True,
+) -> list:
+    """Score ``(context, continuations, contrastive_context)`` requests under a ``ScoringRule``.
+
+    The expert scores every continuation; the rule's contrast scores the same continuations with the
+    amateur (read off the expert's forward for an early-exit amateur, else a second model on the same
+    token ids) or after the contrastive context. Returns one ``LoglikelihoodResponse`` per request.
+    """
+    from cdlm.eval_harness.task import LoglikelihoodResponse
+
+    if rule.contrast == "contrastive-input" and any(r[2] is None for r in requests):
+        raise ValueError(f"scoring rule {rule.name!r} needs a contrastive context for every request")
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "shared_context": shared_context}
+    encoded = [encode_request(tokenizer, context, conts, add_special_tokens) for context, conts, _ in requests]
+    amateur = rule.amateur if rule.contrast == "amateur" else None
+    early_exit = amateur if getattr(amateur, "kind", None) == "early-exit" else None
+    expert, contrast = score_requests(model, tokenizer, encoded, early_exit=early_exit, **kwargs)
+    if amateur is not None and early_exit is None:  # a separate amateur scores the same token sequences
+        contrast, _ = score_requests(amateur.model, tokenizer, encoded, **kwargs)
+    if rule.contrast == "contrastive-input":
+        contrast_encoded = [encode_request(tokenizer, c or "", conts, add_special_tokens) for _, conts, c in requests]
+        contrast, _ = score_requests(model, tokenizer, contrast_encoded, **kwargs)
+    responses = []
+    for position, scores in enumerate(expert):
+        expert_ll = [s.loglikelihood for s in scores]
+        contrast_ll = [s.loglikelihood for s in contrast[position]] if contrast is not None else None
+        responses.append(
+            LoglikelihoodResponse(
+                scores=rule.combine(expert_ll, contrast_ll),
+                expert_loglikelihoods=expert_ll,
+                contrast_loglikelihoods=contrast_ll,
+                is_greedy=[s.is_greedy for s in scores],
+                num_tokens=[s.num_tokens for s in scores],
+            )
+        )
+    return responses

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cdlm.models.lm_head import head_logits
+
+EARLY_EXIT_PREFIX = "early-exit:"
+
 _PROBE_TEXT = (
     "Contrastive decoding compares 2 models: the expert's and the amateur's next-token scores. "
     "Ünïcödé, numbers 12345, code `x = y[0]`\n\tand   spaces."
@@ -58,9 +62,7 @@ def check_same_vocabulary(
     shared = min(len(expert_vocab), len(amateur_vocab))
     differing = [i for i in range(shared) if expert_vocab.get(i) != amateur_vocab.get(i)]
     if differing:
-        examples = ", ".join(
-            f"id {i}: {expert_vocab.get(i)!r} vs {amateur_vocab.get(i)!r}" for i in differing[:3]
-        )
+        examples = ", ".join(f"id {i}: {expert_vocab.get(i)!r} vs {amateur_vocab.get(i)!r}" for i in differing[:3])
         raise TokenizerMismatchError(
             f"tokenizers of {expert_name} and {amateur_name} differ on {len(differing)} of their "
             f"{shared} shared ids ({examples}); contrastive methods need the same vocabulary"
@@ -77,6 +79,96 @@ def check_same_vocabulary(
 
 def output_vocab_size(model: PreTrainedModel) -> int:
     return model.get_output_embeddings().weight.shape[0]
+
+
+def parse_early_exit(spec: str) -> int | None:
+    """N for an ``"early-exit:N"`` amateur spec, ``None`` for any other spec (a model reference).
+
+    >>> parse_early_exit("early-exit:8"), parse_early_exit("smollm2-135m-instruct")
+    (8, None)
+    """
+    if not isinstance(spec, str) or not spec.startswith(EARLY_EXIT_PREFIX):
+        return None
+    layers = spec[len(EARLY_EXIT_PREFIX) :]
+    if not (layers.isascii() and layers.isdigit()):
+        raise ValueError(f"early-exit amateur spec must be 'early-exit:N' with an integer N, got {spec!r}")
+    return int(layers)
+
+
+def early_exit_spec(num_layers: int) -> str:
+    """The amateur spec for the expert's first ``num_layers`` layers (inverse of ``parse_early_exit``)."""
+    return f"{EARLY_EXIT_PREFIX}{int(num_layers)}"
+
+
+# Not pad: loaders set it ad hoc (often to EOS), so two models of one vocabulary may disagree on it.
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
+
+
+def _special_token_ids(model: PreTrainedModel) -> dict[str, frozenset[int]]:
+    """Special-token ids the model's generation config (or config) declares, as comparable values."""
+    ids = {}
+    for name in _SPECIAL_TOKENS:
+        value = getattr(getattr(model, "generation_config", None), name, None)
+        if value is None:
+            value = getattr(model.config, name, None)
+        if value is not None:
+            ids[name] = frozenset(value) if isinstance(value, (list, tuple)) else frozenset([value])
+    return ids
+
+
+def _own_tokenizer(model: PreTrainedModel) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved next to the model's weights, when it was loaded from a local folder that has one."""
+    from pathlib import Path
+
+    folder = Path(str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return None
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def check_bare_amateur(
+    expert: PreTrainedModel | None, amateur: PreTrainedModel, expert_vocab_size: int | None = None
+) -> None:
+    """Refuse a bare amateur model (no tokenizer given) that cannot share the expert's token ids.
+
+    Checks what needs no tokenizer: the lm_head sizes (``expert_vocab_size``, e.g. the width of the
+    scores ``generate()`` hands a processor, when no expert model is given), the special-token ids both
+    models declare, and, when both were loaded from local folders holding tokenizer files, the
+    tokenizers themselves. Raises ``TokenizerMismatchError``; ``make_separate_amateur`` is the checked
+    way to pair models whose heads are padded to different sizes.
+    """
+    amateur_name = getattr(amateur.config, "_name_or_path", "") or type(amateur).__name__
+    amateur_vocab = output_vocab_size(amateur)
+    if expert is not None:
+        expert_vocab_size = output_vocab_size(expert)
+    if expert_vocab_size is not None and expert_vocab_size != amateur_vocab:
+        raise TokenizerMismatchError(
+            f"the amateur {amateur_name} scores {amateur_vocab} token ids but the expert scores {expert_vocab_size}: "
+            "a bare amateur must use the expert's vocabulary; if both tokenizers agree and only the heads are "
+            "padded differently, pair them with make_separate_amateur(expert, expert_tokenizer, amateur, "
+            "amateur_tokenizer), or pass the shared id range as vocab_size"
+        )
+    if expert is None:
+        return
+    expert_special, amateur_special = _special_token_ids(expert), _special_token_ids(amateur)
+    differing = [
+        f"{name}: {sorted(expert_special[name])} vs {sorted(amateur_special[name])}"
+        for name in _SPECIAL_TOKENS
+        if name in expert_special and name in amateur_special and expert_special[name] != amateur_special[name]
+    ]
+    if differing:
+        raise TokenizerMismatchError(
+            f"the amateur {amateur_name} and the expert declare different special tokens ({'; '.join(differing)}): "
+            "contrast needs one vocabulary; if they do share one, pair them with make_separate_amateur(expert, "
+            "expert_tokenizer, amateur, amateur_tokenizer), which compares the tokenizers themselves"
+        )
+    expert_tokenizer, amateur_tokenizer = _own_tokenizer(expert), _own_tokenizer(amateur)
+    if expert_tokenizer is not None and amateur_tokenizer is not None:
+        check_same_vocabulary(expert_tokenizer, amateur_tokenizer, amateur_name=amateur_name)
 
 
 @dataclass
@@ -116,26 +208,6 @@ def _decoder_stack(model: PreTrainedModel) -> tuple[nn.Module, nn.ModuleList, nn
             "with a `layers` ModuleList and a final `norm` (Llama, Mistral, Qwen2, Gemma3, ...)"
         )
     return decoder, layers, norm
-
-
-def head_logits(model: PreTrainedModel, normed_hidden: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``model``'s output logits from final-norm hidden states: its lm_head plus Gemma-style softcapping.
-
-    With ``token_ids`` (1-D), only those vocabulary rows of the lm_head are used and the last
-    dimension follows ``token_ids``. Callers that already know which positions (or tokens) they need
-    skip most of the head's cost, which is a large share of a small model's forward.
-    """
-    head = model.get_output_embeddings()
-    if token_ids is None:
-        logits = head(normed_hidden)
-    else:
-        bias = None if head.bias is None else head.bias[token_ids]
-        logits = torch.nn.functional.linear(normed_hidden, head.weight[token_ids], bias)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 class EarlyExitAmateur:
@@ -212,3 +284,7 @@ class EarlyExitAmateur:
             yield captured
         finally:
             handle.remove()
+
+
+# Either kind of amateur (type hints of callers that accept both).
+Amateur = SeparateAmateur | EarlyExitAmateur

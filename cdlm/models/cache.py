@@ -10,6 +10,13 @@ A folder without a manifest (a crash mid-build), or whose files do not match it 
 a hand edit), is treated as a miss: it is removed and rebuilt, never loaded. Hashing is cheap next to
 loading (0.4 s for SmolLM2's 540 MB on this machine); set ``CDLM_CACHE_VERIFY=sizes`` to check sizes
 only.
+
+Entries are keyed by what their source file *is* (its sha256), not where it lies, so a second checkout
+or virtual environment with the same GGUF reuses the entry. The hash of a source file is remembered
+per (path, size, mtime) in ``file-hashes.json``, so only a new or changed file is hashed.
+
+A build killed half-way leaves its temporary folder behind (hundreds of MB); its name carries the
+building process's id, and the next build removes the folders of processes that no longer run.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Callable
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+HASH_INDEX = "file-hashes.json"
+_TEMP_MARK = ".building-pid"
 
 
 def cache_root() -> Path:
@@ -42,6 +51,56 @@ def _file_digest(path: Path) -> str:
         while block := handle.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a (large, read-only) source file, remembered per resolved path, size and mtime."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    index_path = cache_root() / HASH_INDEX
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if not isinstance(index, dict):
+        index = {}
+    if key not in index:
+        index[key] = _file_digest(path)
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = index_path.with_name(f"{HASH_INDEX}.{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(index, indent=1, sort_keys=True))
+            os.replace(temporary, index_path)
+        except OSError:
+            pass  # a read-only cache only costs re-hashing
+    return index[key]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_builds(folder: Path) -> list[Path]:
+    """Remove temporary build folders in ``folder`` whose building process is gone; returns them."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for candidate in folder.iterdir():
+        name = candidate.name
+        if not (candidate.is_dir() and name.startswith(".") and _TEMP_MARK in name):
+            continue
+        pid_text = name.split(_TEMP_MARK, 1)[1].split(".", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -105,7 +164,9 @@ def get_or_build(entry: CacheEntry, build: Callable[[Path], None], source: dict)
     if entry.path.exists():
         shutil.rmtree(entry.path, ignore_errors=True)
     entry.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{entry.path.name}.", dir=entry.path.parent))
+    remove_abandoned_builds(entry.path.parent)
+    prefix = f".{entry.path.name}{_TEMP_MARK}{os.getpid()}."
+    tmp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=entry.path.parent))
     try:
         build(tmp_dir)
         files = {

@@ -7,7 +7,6 @@ sources go through the dequantised-model cache so only the first load pays for d
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cdlm.models.cache import CacheEntry, cache_root, get_or_build
+from cdlm.models.cache import CacheEntry, cache_root, file_sha256, get_or_build
 from cdlm.models.registry import DEFAULT_MODEL, REGISTRY, UnknownModelError, get_registered
 
 _DTYPES = {
@@ -93,18 +92,16 @@ def _gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
 
 
 def _gguf_cache_entry(gguf_path: Path) -> CacheEntry:
-    stat = gguf_path.stat()
-    # The key covers the file's identity and the transformers release: GGUF tokenizer conversion
-    # (BOS handling in particular) has changed between releases.
+    # The key covers what the file is (its content hash, not its path, so another checkout or venv
+    # with the same file hits) and the transformers release: GGUF tokenizer conversion (BOS handling
+    # in particular) has changed between releases.
     stem = gguf_path.name.removesuffix(".gguf")
-    key = f"{stem}-{stat.st_size}-{stat.st_mtime_ns}-tf{transformers.__version__}-c{CACHE_LAYOUT}"
+    key = f"{stem}-{file_sha256(gguf_path)[:16]}-tf{transformers.__version__}-c{CACHE_LAYOUT}"
     return CacheEntry(cache_root() / "models" / key)
 
 
 def _dequantise_into(gguf_path: Path, target: Path) -> None:
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # transformers 5.x's GGUF tokenizer conversion ignores the file's add_bos_token flag (Gemma-3's
     # GGUF says True; without its BOS the model degenerates into repeating itself). Honour the file.
@@ -114,8 +111,8 @@ def _dequantise_into(gguf_path: Path, target: Path) -> None:
     # The weights are plain float32 tensors now; drop the GGUF marker so save_pretrained accepts them.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
 
@@ -185,9 +182,11 @@ def load_model(
     cache_hit: bool | None = None
     load_kwargs: dict = {"dtype": target_dtype}
     if kind == "gguf" and use_cache:
+        assert path is not None  # resolve_reference gives every GGUF reference a path
         folder, cache_hit = cached_gguf_folder(path)
         model_source, tok_source = str(folder), str(folder)
     elif kind == "gguf":
+        assert path is not None
         model_source, tok_source = str(path.parent), str(path.parent)
         load_kwargs["gguf_file"] = path.name
     elif kind == "folder":
@@ -205,7 +204,7 @@ def load_model(
         if kind == "hub":
             raise UnknownModelError(f"{_describe_unknown(reference)}: {error}") from error
         raise
-    model.to(target_device)
+    model.to(target_device)  # type: ignore[arg-type]
     model.eval()
     prepare_tokenizer_for_generation(tokenizer)
     if model.generation_config.pad_token_id is None:
@@ -221,29 +220,17 @@ def load_model(
     )
 
 
-def offline_by_default() -> None:
-    """Command-line defaults: no network is expected, so never wait on a hub that cannot answer."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-
-EARLY_EXIT_PREFIX = "early-exit:"
-
-
 def load_amateur(spec: str, expert: LoadedModel, **load_kwargs):
     """An amateur for ``expert`` from a spec: ``early-exit:N`` or any model reference.
 
     A separate amateur is put on the expert's device unless ``device`` is given, and its tokenizer
     is checked against the expert's.
     """
-    from cdlm.models.amateur import EarlyExitAmateur, make_separate_amateur
+    from cdlm.models.amateur import EarlyExitAmateur, make_separate_amateur, parse_early_exit
 
-    if spec.startswith(EARLY_EXIT_PREFIX):
-        layers = spec[len(EARLY_EXIT_PREFIX):]
-        if not layers.isdigit():
-            raise ValueError(f"early-exit amateur spec must be 'early-exit:N' with an integer N, got {spec!r}")
-        return EarlyExitAmateur(expert.model, int(layers))
+    layers = parse_early_exit(spec)
+    if layers is not None:
+        return EarlyExitAmateur(expert.model, layers)
     load_kwargs.setdefault("device", expert.model.device)
     amateur = load_model(spec, **load_kwargs)
     return make_separate_amateur(

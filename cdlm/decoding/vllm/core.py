@@ -1,9 +1,11 @@
 """The contrastive processor's logic, independent of vLLM's classes (so it is testable without vLLM).
 
 ``ContrastiveProcessorCore`` is what ``ContrastiveLogitsProcessor`` delegates to: it turns vLLM's
-batch updates into per-request ``RequestState``s and rewrites the logits rows of contrastive
-requests. A fake engine loop can drive it exactly as vLLM's sampler does (see
-``tests/test_vllm_state.py``).
+batch updates into per-request ``RequestState``s (joining and leaving their amateur's batch) and
+rewrites the logits rows of contrastive requests. Per step it runs one batched forward per amateur
+model (``BatchedAmateur``), reads engine-captured early exits (``EngineEarlyExit``), then applies
+each row's contrast rule (``cdlm.decoding.contrast``; rows with the same settings in one call). A
+fake engine loop drives it exactly as vLLM's sampler does (``tests/test_vllm_state.py``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from cdlm.decoding._contrast import contrast
 from cdlm.decoding.vllm.amateurs import get_amateur
+from cdlm.decoding.vllm.early_exit import EngineEarlyExit
 from cdlm.decoding.vllm.params import ContrastParams
-from cdlm.decoding.vllm.state import HFAmateur, RequestState, RequestTable
+from cdlm.decoding.vllm.state import BatchedAmateur, RequestState, RequestTable
 
-AmateurResolver = Callable[[str, str, torch.device, torch.dtype], HFAmateur]
+AmateurResolver = Callable[[str, str, torch.device, torch.dtype], BatchedAmateur]
 
 
 class ContrastiveProcessorCore:
@@ -28,7 +30,9 @@ class ContrastiveProcessorCore:
             amateurs are transformers copies loaded from it.
         device: where amateurs run and their logits go.
         dtype: amateur dtype (the engine's).
-        resolve_amateur: spec -> ``HFAmateur`` (defaults to ``cdlm.decoding.vllm.amateurs.get_amateur``).
+        resolve_amateur: spec -> ``BatchedAmateur`` (defaults to ``cdlm.decoding.vllm.amateurs.get_amateur``).
+        engine_early_exit: ``(engine key, captured layers)`` when the engine's model publishes
+            early-exit logits (``cdlm.decoding.vllm.early_exit``); those specs skip the second model.
     """
 
     def __init__(
@@ -37,12 +41,15 @@ class ContrastiveProcessorCore:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         resolve_amateur: AmateurResolver = get_amateur,
+        engine_early_exit: tuple[str, Sequence[int]] | None = None,
     ) -> None:
         self.expert_source = expert_source
         self.device = torch.device(device)
         self.dtype = dtype
         self.resolve_amateur = resolve_amateur
-        self.table = RequestTable()
+        self.engine_key, layers = engine_early_exit or ("", ())
+        self.engine_layers = {layer: EngineEarlyExit(self.engine_key, layer) for layer in layers}
+        self.table = RequestTable(on_remove=self._leave)
 
     @staticmethod
     def validate(extra_args: dict | None) -> ContrastParams | None:
@@ -53,13 +60,30 @@ class ContrastiveProcessorCore:
         if settings is None:
             return None
         if settings.method == "cid":
-            prefix = list(settings.contrastive_prompt_token_ids)
+            prefix = list(settings.contrastive_prompt_token_ids or ())
         else:
             if prompt_ids is None:
-                raise ValueError("contrastive decoding needs the prompt's token ids (prompt embeddings are not supported)")
+                raise ValueError(
+                    "contrastive decoding needs the prompt's token ids (prompt embeddings are not supported)"
+                )
             prefix = list(prompt_ids)
-        amateur = self.resolve_amateur(settings.amateur, self.expert_source, self.device, self.dtype)
-        return RequestState(settings, prefix, output_ids, amateur)
+        state = RequestState(settings, prefix, output_ids)
+        if settings.settings.is_identity_contrast:
+            return state  # weight 0: the amateur's scores would be multiplied by 0, so none is run
+        from cdlm.models.amateur import parse_early_exit
+
+        spec = settings.amateur or ""
+        layer = parse_early_exit(spec)
+        if layer in self.engine_layers:
+            state.amateur = self.engine_layers[layer]
+        else:
+            self.resolve_amateur(spec, self.expert_source, self.device, self.dtype).join(state)
+        return state
+
+    @staticmethod
+    def _leave(state: RequestState) -> None:
+        if isinstance(state.amateur, BatchedAmateur):
+            state.amateur.leave(state)
 
     def update(
         self,
@@ -69,18 +93,41 @@ class ContrastiveProcessorCore:
     ) -> None:
         self.table.update(removed, added, moved, self.new_state)
 
+    def amateur_logits(self, rows: int) -> dict[int, torch.Tensor]:
+        """``{batch index: amateur logits (V,)}`` for every contrastive row that needs them."""
+        by_amateur: dict[int, tuple[Any, list[int], list[RequestState]]] = {}
+        for index, state in self.table.items():
+            if state.amateur is not None:
+                by_amateur.setdefault(id(state.amateur), (state.amateur, [], []))
+                by_amateur[id(state.amateur)][1].append(index)
+                by_amateur[id(state.amateur)][2].append(state)
+        result: dict[int, torch.Tensor] = {}
+        for amateur, indices, states in by_amateur.values():
+            if isinstance(amateur, EngineEarlyExit):
+                logits = amateur.rows_logits(indices, rows)
+            else:
+                logits = amateur.logits(states)  # one batched forward for every request of this amateur
+            result.update(zip(indices, logits))
+        return result
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Rewrite, in place, the rows of contrastive requests; other rows are left untouched.
 
-        One ``contrast()`` call per row: rows may carry different hyperparameters, and the rule is
-        the transformers processors' own (``cdlm.decoding._contrast``), so both backends agree.
+        Rows that share a contrast rule are contrasted in one call of the rule the transformers
+        processors use (``ContrastSettings.apply``), so both backends agree.
         """
+        if not len(self.table):
+            return logits
+        others = self.amateur_logits(logits.shape[0])
+        by_rule: dict[Any, list[int]] = {}
         for index, state in self.table.items():
-            kwargs = state.params.contrast_kwargs()
-            row = logits[index : index + 1]
-            if kwargs["weight"] == 0.0:
-                other = row  # no contrast: skip the amateur (its scores would be multiplied by 0)
+            by_rule.setdefault(state.params.settings, []).append(index)
+        for rule, indices in by_rule.items():
+            rows = torch.tensor(indices, device=logits.device)
+            expert = logits.index_select(0, rows)
+            if rule.is_identity_contrast:
+                other = expert  # unused by the rule
             else:
-                other = state.amateur_logits().to(logits.device)[None]
-            logits[index] = contrast(row, other, **kwargs)[0].to(logits.dtype)
+                other = torch.stack([others[i] for i in indices]).to(logits.device)
+            logits[rows] = rule.apply(expert, other).to(logits.dtype)
         return logits

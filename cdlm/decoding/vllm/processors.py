@@ -2,8 +2,9 @@
 
 Register the class when building the engine (``LLM(..., logits_processors=[ContrastiveLogitsProcessor])``
 or ``vllm serve ... --logits-processors cdlm.decoding.vllm.processors:ContrastiveLogitsProcessor``)
-and switch it on per request with ``SamplingParams(extra_args=ContrastParams(...).to_extra_args())``.
-Requests without cdlm settings pass through untouched. See ``cdlm.decoding.vllm`` for the design.
+and switch it on per request with ``SamplingParams(extra_args=ContrastParams(...).to_extra_args())``
+(over HTTP: the same flat ``cdlm_*`` keys in the body's ``vllm_xargs``). Requests without cdlm settings
+pass through untouched. See ``cdlm.decoding.vllm`` for the design.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from cdlm.decoding.vllm.core import ContrastiveProcessorCore
+from cdlm.decoding.vllm.early_exit import captured_layers
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,8 +37,12 @@ class ContrastiveLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
         model_config = vllm_config.model_config
         dtype = getattr(model_config, "dtype", torch.float32)
+        layers = captured_layers(model_config.hf_config)
         self.core = ContrastiveProcessorCore(
-            str(model_config.model), device, dtype if isinstance(dtype, torch.dtype) else torch.float32
+            str(model_config.model),
+            device,
+            dtype if isinstance(dtype, torch.dtype) else torch.float32,
+            engine_early_exit=(vllm_config.instance_id, layers) if layers else None,
         )
 
     def is_argmax_invariant(self) -> bool:

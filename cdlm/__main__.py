@@ -1,0 +1,7 @@
+"""``python -m cdlm``: the same as the ``cdlm`` command."""
+
+import sys
+
+from cdlm.cli import main
+
+sys.exit(main())
