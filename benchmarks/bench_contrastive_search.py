@@ -131,10 +131,13 @@ def _spread(values: list[float]) -> dict:
         "min": round(min(values), 4),
         "max": round(max(values), 4),
         "spread": round((max(values) - min(values)) / median, 3) if median else None,
+        "rounds": len(values),
     }
 
 
 def _verdict(ratio: dict, max_spread: float, goal: float | None) -> str:
+    if ratio["rounds"] < 2:
+        return "inconclusive (one round)"
     if ratio["spread"] is None or ratio["spread"] > max_spread:
         return "inconclusive (spread)"
     if goal is None:
@@ -158,7 +161,8 @@ def main() -> None:
     parser.add_argument("--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4")
     parser.add_argument("--output", default=str(RESULTS / "contrastive_search"), help="path prefix for .json and .md")
     parser.add_argument(
-        "--append", action="store_true", help="add to the results already in --output (e.g. another method set) instead of replacing them"
+        "--append", action="store_true",
+        help="add to the results already in --output (e.g. another method set) instead of replacing them",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
@@ -238,7 +242,8 @@ def main() -> None:
             "pad_token_id": tokenizer.pad_token_id,
         }
         prompt_tokens = batch["attention_mask"].sum(-1).tolist()
-        warm = {**request, "max_new_tokens": 2}
+        warm = {**request, "input_ids": request["input_ids"][:1], "attention_mask": request["attention_mask"][:1],
+                "max_new_tokens": 2}  # one short row: warms allocators and code paths without a second long prefill
         for method in methods:
             run(method, warm)
         seconds = {m: [] for m in methods}
@@ -304,24 +309,35 @@ def main() -> None:
         "results": results,
     }
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     if args.append and output.with_suffix(".json").exists():
-        earlier = json.loads(output.with_suffix(".json").read_text())
-        runs = earlier.get("runs") or [{k: v for k, v in earlier.items() if k not in ("results", "runs")}]
-        record["runs"] = runs + [{k: v for k, v in record.items() if k != "results"}]
-        record["results"] = earlier["results"] + results
-        results = record["results"]
+        record = _merge(json.loads(output.with_suffix(".json").read_text()), record)
+    write_report(record, output)
+    print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
+
+
+def _merge(earlier: dict, record: dict) -> dict:
+    """One record holding the results of two runs (e.g. different method sets), each run's settings kept."""
+    runs = earlier.get("runs") or [{k: v for k, v in earlier.items() if k not in ("results", "runs")}]
+    merged = {**record, "runs": runs + [{k: v for k, v in record.items() if k not in ("results", "runs")}]}
+    merged["results"] = earlier["results"] + record["results"]
+    return merged
+
+
+def write_report(record: dict, output: Path) -> None:
+    """``output``.json (everything) and ``output``.md (the table)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    results = record["results"]
     output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     commands = " and ".join(f"`{run['command']}` ({run['machine']})" for run in record.get("runs", [record]))
     lines = [
         "# Contrastive search speed: cdlm vs greedy and transformers 4.55.4",
         "",
-        f"{commands} — SmolLM2-135M-Instruct, float32, {args.threads} torch "
-        f"thread(s), penalty_alpha={args.penalty_alpha}, {args.repeats} "
+        f"{commands} — SmolLM2-135M-Instruct, float32, {record['threads']} torch "
+        f"thread(s), penalty_alpha={record['penalty_alpha']}, {record['repeats']} (per run) "
         "rounds with the methods back to back in rotating order. Short prompts: 5-12 tokens; long: GSM8K 5-shot. "
         "Ratios: tokens/s of the first method over the second, median [min..max] over rounds; 'decode only' "
         "subtracts the round's prefill time (greedy with 1 new token) from both. A ratio whose (max-min)/median "
-        f"exceeds {args.max_spread} is inconclusive. cs = cdlm default (shared context), cs_per_row = B*k cache rows "
+        f"exceeds {record['max_spread']} is inconclusive. cs = cdlm default (shared context), cs_per_row = B*k cache rows "
         "(4.55.4's layout), tf455 = transformers 4.55.4 built-in.",
         "",
         "| k x batch, new tokens | prompts (tokens) | load avg | tok/s (median [min..max]) | ratio | median [min..max] | verdict | identical |",
@@ -340,7 +356,6 @@ def main() -> None:
             lines.append(f"{lead}| {name} | {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}] | {ratio['verdict']} | {ident} |")
             first = False
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

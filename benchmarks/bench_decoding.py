@@ -13,7 +13,9 @@ once, in an order rotated by r), each ratio is computed per repeat from runs sec
 reported as the median with its min-max spread over the repeats, and a goal is only called met
 (``min >= goal``) or missed (``max < goal``) when the whole spread is on one side of it; otherwise
 the verdict is "inconclusive". A method whose times spread by more than ``--max-spread`` of their
-median is flagged as noisy. The load average is recorded at the start and the end.
+median is flagged as noisy. The load average is recorded at the start and the end. Every ratio is
+also computed from process CPU time (all threads), which other jobs competing for the cores inflate
+far less than wall time (with ``OMP_NUM_THREADS=1`` there are no spinning worker threads either).
 
 Goals (issue 3): CD separate >= 0.9x that limit; early-exit CD >= 0.85x greedy; CID >= 0.45x greedy.
 Peak memory is the process's peak resident set during each method (Linux ``VmHWM``, reset per
@@ -97,6 +99,22 @@ def _verdict(spread: dict, goal: float) -> str:
     return "inconclusive"
 
 
+GOALS = {"cd_separate_vs_compute_limit": 0.9, "cd_early_exit_vs_greedy": 0.85, "cid_vs_greedy": 0.45}
+
+
+def _paired_ratios(times: dict[str, list[float]]) -> dict[str, dict]:
+    """Speed ratios per repeat (both runs of a pair come from the same repeat, seconds apart), summarised."""
+    e, a = times["greedy"], times["amateur alone"]
+    per_repeat = {
+        "compute_limit_t_e_over_t_e_plus_t_a": [x / (x + y) for x, y in zip(e, a)],
+        "cd_separate_vs_greedy": [x / c for x, c in zip(e, times["cd (separate amateur)"])],
+        "cd_separate_vs_compute_limit": [(x + y) / c for x, y, c in zip(e, a, times["cd (separate amateur)"])],
+        "cd_early_exit_vs_greedy": [x / c for x, c in zip(e, times["cd (early exit)"])],
+        "cid_vs_greedy": [x / c for x, c in zip(e, times["cid"])],
+    }
+    return {key: _spread(values) for key, values in per_repeat.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -120,13 +138,15 @@ def main() -> None:
     n = args.max_new_tokens
     common = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def timed(run) -> tuple[float, float]:
+    def timed(run) -> tuple[float, float, float]:
+        """Wall seconds, process CPU seconds (all threads; less sensitive to other jobs taking the cores
+        than wall time, though not immune: shared caches and spinning threads still add), peak RSS."""
         resettable = _peak_rss_reset()
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             run()
-        seconds = time.perf_counter() - began
-        return seconds, _peak_rss_mib() if resettable else float("nan")
+        seconds, cpu = time.perf_counter() - began, time.process_time() - began_cpu
+        return seconds, cpu, _peak_rss_mib() if resettable else float("nan")
 
     rows: list[dict] = []
 
@@ -172,8 +192,9 @@ def main() -> None:
             f"{args.repeats} interleaved repeats per method; times and ratios are medians with [min, max] over the "
             "repeats. Ratios are paired per repeat. A goal is met/missed only when the whole spread is on one side.",
             "",
-            "| batch | method | tokens/s (median) | seconds median [min, max] | spread | peak RSS MiB |",
-            "|---|---|---|---|---|---|",
+            "| batch | method | tokens/s (median) | seconds median [min, max] | spread "
+            "| CPU seconds median [min, max] | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             if "method" in row:
@@ -181,16 +202,21 @@ def main() -> None:
                 lines.append(
                     f"| {row['batch']} | {row['method']} | {row['tokens_per_s_median']} | "
                     f"{fmt(row['seconds_spread'])} | {row['seconds_spread']['relative_spread']}{flag} | "
-                    f"{row['peak_rss_mib']} |"
+                    f"{fmt(row['cpu_seconds_spread'])} | {row['peak_rss_mib']} |"
                 )
-        lines += ["", "| batch | ratio | median [min, max] | goal | verdict |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| batch | ratio | wall time: median [min, max] | verdict | CPU time: median [min, max] | verdict "
+            "| goal |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in rows:
             if "ratios" in row:
                 for key, value in row["ratios"].items():
                     goal = row["goals"].get(key)
                     lines.append(
-                        f"| {row['batch']} | {key} | {fmt(value)} | {goal if goal else ''} | "
-                        f"{row['verdict'].get(key, '')} |"
+                        f"| {row['batch']} | {key} | {fmt(value)} | {row['verdict'].get(key, '')} | "
+                        f"{fmt(row['cpu_ratios'][key])} | {row['cpu_verdict'].get(key, '')} | {goal if goal else ''} |"
                     )
         output.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {output.with_suffix('.json')} and {output.with_suffix('.md')}")
@@ -225,16 +251,18 @@ def main() -> None:
             model.generate(**batch, max_new_tokens=4, do_sample=False)
         names = list(runs)
         seconds: dict[str, list[float]] = {name: [] for name in names}
+        cpu_seconds: dict[str, list[float]] = {name: [] for name in names}
         peaks: dict[str, float] = {name: float("nan") for name in names}
         for repeat in range(args.repeats):
             order = names[repeat % len(names) :] + names[: repeat % len(names)]
             for name in order:
-                elapsed, peak = timed(runs[name])
+                elapsed, cpu, peak = timed(runs[name])
                 seconds[name].append(elapsed)
+                cpu_seconds[name].append(cpu)
                 peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
                 print(
                     f"batch {batch_size} repeat {repeat} {name:22} {batch_size * n / elapsed:8.2f} tokens/s "
-                    f"{elapsed:7.2f} s  load {os.getloadavg()[0]:.2f}",
+                    f"{elapsed:7.2f} s  cpu {cpu:7.2f} s  load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
         for name in names:
@@ -245,32 +273,22 @@ def main() -> None:
                     "method": name,
                     "seconds": [round(t, 3) for t in seconds[name]],
                     "seconds_spread": time_spread,
+                    "cpu_seconds": [round(t, 3) for t in cpu_seconds[name]],
+                    "cpu_seconds_spread": _spread(cpu_seconds[name]),
                     "tokens_per_s_median": round(batch_size * n / time_spread["median"], 2),
                     "noisy": bool(time_spread["relative_spread"] and time_spread["relative_spread"] > args.max_spread),
                     "peak_rss_mib": round(peaks[name], 1),
                 }
             )
-        # Paired per-repeat ratios: both runs of a pair come from the same repeat, seconds apart.
-        per_repeat = {
-            "compute_limit_t_e_over_t_e_plus_t_a": [
-                e / (e + a) for e, a in zip(seconds["greedy"], seconds["amateur alone"])
-            ],
-            "cd_separate_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cd (separate amateur)"])],
-            "cd_separate_vs_compute_limit": [
-                (e + a) / c
-                for e, a, c in zip(seconds["greedy"], seconds["amateur alone"], seconds["cd (separate amateur)"])
-            ],
-            "cd_early_exit_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cd (early exit)"])],
-            "cid_vs_greedy": [e / c for e, c in zip(seconds["greedy"], seconds["cid"])],
-        }
-        ratios = {key: _spread(values) for key, values in per_repeat.items()}
-        goals = {"cd_separate_vs_compute_limit": 0.9, "cd_early_exit_vs_greedy": 0.85, "cid_vs_greedy": 0.45}
+        ratios, cpu_ratios = _paired_ratios(seconds), _paired_ratios(cpu_seconds)
         rows.append(
             {
                 "batch": batch_size,
                 "ratios": ratios,
-                "goals": goals,
-                "verdict": {k: _verdict(ratios[k], v) for k, v in goals.items()},
+                "cpu_ratios": cpu_ratios,
+                "goals": GOALS,
+                "verdict": {k: _verdict(ratios[k], v) for k, v in GOALS.items()},
+                "cpu_verdict": {k: _verdict(cpu_ratios[k], v) for k, v in GOALS.items()},
             }
         )
         print(

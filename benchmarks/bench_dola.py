@@ -22,10 +22,19 @@ import time
 from pathlib import Path
 
 from _machine import describe_machine
-from bench_contrastive_search import PROMPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PROMPTS = [
+    "The capital of France is",
+    "Q: Who wrote the play Romeo and Juliet?\nA:",
+    "The chemical symbol for gold is",
+    "The history of the Roman Empire",
+    "In 1969, the first humans landed on the Moon. The mission",
+    "The theory of evolution by natural selection explains",
+    "The tallest mountain in the world is",
+    "A recipe for chocolate chip cookies: first,",
+]
 METHODS = {
     "greedy": {},
     "dola high": {"dola_layers": "high", "repetition_penalty": 1.2},
@@ -65,8 +74,11 @@ def main() -> None:
                 began = time.perf_counter()
                 with torch.no_grad():
                     model.generate(
-                        **batch, max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
-                        pad_token_id=tokenizer.pad_token_id, **kwargs,
+                        **batch,
+                        max_new_tokens=args.max_new_tokens,
+                        min_new_tokens=args.max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                        **kwargs,
                     )
                 times[name].append(time.perf_counter() - began)
         greedy = statistics.median(times["greedy"])
@@ -82,15 +94,17 @@ def main() -> None:
                     "runs": [round(v, 3) for v in values],
                 }
             )
-        print(f"batch {batch_size}: " + ", ".join(f"{r['method']} {r['speed_vs_greedy']}x" for r in rows if r["batch_size"] == batch_size))
+        print(
+            f"batch {batch_size}: "
+            + ", ".join(f"{r['method']} {r['speed_vs_greedy']}x" for r in rows if r["batch_size"] == batch_size)
+        )
         rows_load = (min(load), max(load))
         for row in rows:
             row.setdefault("load_average_range", [round(v, 2) for v in rows_load])
 
     result = {
-        "command": "python benchmarks/bench_dola.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        ),
+        "command": "python benchmarks/bench_dola.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "model": args.model,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
@@ -100,8 +114,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dola.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [
-        f"DoLa vs greedy on {args.model}, {args.max_new_tokens} new tokens, median of {args.repeats} interleaved runs; "
-        f"{machine}",
+        f"DoLa vs greedy on {args.model}, {args.max_new_tokens} new tokens, "
+        f"median of {args.repeats} interleaved runs; {machine}",
         "",
         f"Command: `{result['command']}`",
         "",

@@ -102,7 +102,10 @@ def _records(folder: Path) -> list[dict]:
 def score(args) -> None:
     import torch
 
-    from cdlm.eval_harness.openended import corpus_metrics
+    from cdlm.eval_harness.data import load_rows
+    from cdlm.eval_harness.openended import MAX_NEW_TOKENS, corpus_metrics, human_prefix
+
+    by_id = {row["id"]: row for row in load_rows(None, "openended")[0]}
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -113,13 +116,16 @@ def score(args) -> None:
             continue
         result = json.loads((folder / "results.json").read_text())
         records = _records(folder)
+        for record in records:  # the human text at the run's token budget (older runs stored it whole)
+            doc = by_id[record["id"]]
+            record["human"] = human_prefix(doc, min(args.max_new_tokens, MAX_NEW_TOKENS[doc["domain"]]))
         row = {"config": name, "method": result["method"], "n": len(records),
                "seconds": result["timing"]["seconds_total"], "tokens_per_second": result["timing"]["tokens_per_second"],
                "load_average_at_start": json.loads((folder / "bench.json").read_text())["load_average_at_start"]
                if (folder / "bench.json").exists() else None}
         for judge in args.judges:
             started = time.perf_counter()
-            metrics = corpus_metrics(records, judge)
+            metrics = corpus_metrics(records, judge, with_perplexity=not args.no_perplexity and judge == args.judges[0])
             row[judge] = {k: v for k, v in metrics.items() if "human/" not in k}
             human_rows.setdefault(judge, {k.replace("human/", ""): v for k, v in metrics.items() if "human/" in k})
             print(f"[{name}] judged by {judge} in {time.perf_counter() - started:.0f}s: mauve {metrics.get('mauve'):.3f} "
@@ -281,6 +287,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=None, help=f"known: {', '.join(CONFIGS)}")
     parser.add_argument("--judges", nargs="+", default=["gemma3-270m"])
     parser.add_argument("--name", default=None, help="results file stem (score phase)")
+    parser.add_argument("--no-perplexity", action="store_true", help="score: skip perplexity (slow with Gemma's vocabulary)")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 12], help="early-exit layers (eos phase)")
     args = parser.parse_args()
     unknown = [c for c in args.configs or [] if c not in CONFIGS]

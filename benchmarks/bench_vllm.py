@@ -77,8 +77,10 @@ def _first_divergence(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def amateur_step_seconds(amateur_model, tokenizer, prompts: list[str], steps: int = 8) -> float:
-    """Median seconds of one batched decode step of ``BatchedAmateur`` over ``len(prompts)`` rows."""
+def amateur_step_seconds(
+    amateur_model, tokenizer, prompts: list[str], steps: int = 8, clock=time.perf_counter
+) -> tuple[float, float]:
+    """Seconds (of ``clock``) of ``BatchedAmateur``'s prefill of ``prompts`` and its median batched decode step."""
     import torch
 
     from cdlm.decoding.vllm.params import ContrastParams
@@ -87,18 +89,20 @@ def amateur_step_seconds(amateur_model, tokenizer, prompts: list[str], steps: in
     amateur = BatchedAmateur(amateur_model)
     params = ContrastParams(method="cd", amateur="x")
     states = [RequestState(params, tokenizer(p, add_special_tokens=False)["input_ids"], []) for p in prompts]
+    began = clock()
     amateur.logits(states)  # prefill
+    prefill = clock() - began
     times = []
     for step in range(steps):
         for state in states:
             state.output_ids.append(1000 + step)
-        began = time.perf_counter()
+        began = clock()
         amateur.logits(states)
-        times.append(time.perf_counter() - began)
+        times.append(clock() - began)
     for state in states:
         amateur.leave(state)
     del torch
-    return statistics.median(times)
+    return prefill, statistics.median(times)
 
 
 def main() -> None:
@@ -218,14 +222,22 @@ def main() -> None:
             prompts, contrastive = prompts_for(batch)
             load = os.getloadavg()[0]
             if name == AMATEUR_STEP:
-                seconds = amateur_step_seconds(amateur.model, tokenizer, prompts)
-                record["amateur_step_runs"].append({"batch": batch, "seconds": seconds, "load": round(load, 2)})
-                print(
-                    json.dumps({"amateur_step": batch, "seconds": round(seconds, 5), "load": round(load, 2)}),
-                    flush=True,
-                )
+                prefill, seconds = amateur_step_seconds(amateur.model, tokenizer, prompts)
+                cpu_prefill, cpu = amateur_step_seconds(amateur.model, tokenizer, prompts, clock=time.process_time)
+                step = {
+                    "batch": batch,
+                    "seconds": seconds,
+                    "cpu_seconds": cpu,
+                    "prefill_seconds": prefill,
+                    "prefill_cpu_seconds": cpu_prefill,
+                    "load": round(load, 2),
+                }
+                record["amateur_step_runs"].append(step)
+                print(json.dumps({"amateur_step": batch, **step}), flush=True)
                 continue
+            cpu_began = time.process_time()
             results, stats = configurations[name](prompts, contrastive, batch)
+            cpu_seconds = time.process_time() - cpu_began
             steps = sum(max(len(r.token_ids) for r in results[i : i + batch]) for i in range(0, len(results), batch))
             row = {
                 "round": round_index,
@@ -236,6 +248,8 @@ def main() -> None:
                 "steps": steps,
                 "seconds": round(stats.seconds, 3),
                 "tokens_per_s": round(stats.tokens_per_second, 2),
+                "cpu_seconds": round(cpu_seconds, 3),
+                "tokens_per_cpu_s": round(stats.new_tokens / cpu_seconds, 2),
                 "load": round(load, 2),
             }
             record["runs"].append(row)
@@ -258,15 +272,20 @@ def summarize(record: dict, batches: list[int], names: list[str]) -> None:
         steps = [r["seconds"] for r in record["amateur_step_runs"] if r["batch"] == batch]
         if steps:
             record["amateur_step_seconds"][str(batch)] = statistics.median(steps)
+        cpu_steps = [
+            r["cpu_seconds"] for r in record["amateur_step_runs"] if r["batch"] == batch and "cpu_seconds" in r
+        ]
         summary: dict = {}
         for name in names:
             rates = [r["tokens_per_s"] for r in runs(batch, name)]
             if not rates:
                 continue
             median = statistics.median(rates)
+            cpu_rates = [r["tokens_per_cpu_s"] for r in runs(batch, name) if "tokens_per_cpu_s" in r]
             summary[name] = {
                 "median_tokens_per_s": round(median, 2),
                 "spread": round((max(rates) - min(rates)) / median, 3),
+                "median_tokens_per_cpu_s": round(statistics.median(cpu_rates), 2) if cpu_rates else None,
                 "loads": [r["load"] for r in runs(batch, name)],
             }
         if len(summary) < len(names):
@@ -288,6 +307,46 @@ def summarize(record: dict, batches: list[int], names: list[str]) -> None:
             "cid_over_vllm_greedy": ratio("vllm cid", "vllm greedy"),
         }
         summary["compute_limit_tokens_per_s"] = round(limit, 2)
+        if cpu_steps and all(summary[n]["median_tokens_per_cpu_s"] for n in names):
+            # The same ratios on CPU time (this process's threads, vLLM's engine included: it runs in
+            # process): far less sensitive to other jobs than wall-clock time on a shared machine.
+            cpu_limits = [
+                r["new_tokens"] / (r["cpu_seconds"] + r["steps"] * statistics.median(cpu_steps))
+                for r in runs(batch, "vllm greedy")
+            ]
+
+            def cpu_ratio(a: str, b: str) -> float:
+                return round(summary[a]["median_tokens_per_cpu_s"] / summary[b]["median_tokens_per_cpu_s"], 3)
+
+            prefills = [
+                r["prefill_cpu_seconds"]
+                for r in record["amateur_step_runs"]
+                if r["batch"] == batch and "prefill_cpu_seconds" in r
+            ]
+            if prefills:  # the amateur also reads every prompt once per generate() call (prompts / batch calls)
+                calls = -(-runs(batch, "vllm greedy")[0]["prompts"] // batch)
+                with_prefill = [
+                    r["new_tokens"]
+                    / (
+                        r["cpu_seconds"]
+                        + calls * statistics.median(prefills)
+                        + r["steps"] * statistics.median(cpu_steps)
+                    )
+                    for r in runs(batch, "vllm greedy")
+                ]
+                summary["cpu_limit_with_prefill_ratio"] = round(
+                    summary["vllm cd (separate amateur)"]["median_tokens_per_cpu_s"] / statistics.median(with_prefill),
+                    3,
+                )
+            summary["cpu_ratios"] = {
+                "cd_separate_over_its_compute_limit": round(
+                    summary["vllm cd (separate amateur)"]["median_tokens_per_cpu_s"] / statistics.median(cpu_limits), 3
+                ),
+                "cd_engine_over_vllm_greedy": cpu_ratio("vllm cd (engine early exit)", "vllm greedy"),
+                "cd_separate_over_transformers_cd": cpu_ratio("vllm cd (separate amateur)", "transformers cd"),
+                "cd_engine_over_transformers_cd": cpu_ratio("vllm cd (engine early exit)", "transformers cd"),
+                "cid_over_vllm_greedy": cpu_ratio("vllm cid", "vllm greedy"),
+            }
         summary["too_wide"] = sorted(n for n in names if summary[n]["spread"] > SPREAD_TOO_WIDE)
         record["summary"][str(batch)] = summary
 
@@ -301,7 +360,7 @@ def rebuild_from_log(args) -> None:
             if "configuration" in row:
                 record["runs"].append(row)
             elif "amateur_step" in row:
-                record["amateur_step_runs"].append({"batch": row["amateur_step"], "seconds": row["seconds"]})
+                record["amateur_step_runs"].append({**row, "batch": row["amateur_step"]})
         elif line.startswith("RECORD "):
             record.update(json.loads(line[len("RECORD ") :]))
     names = list(dict.fromkeys(r["configuration"] for r in record["runs"]))
@@ -332,14 +391,17 @@ def write(record: dict, args) -> None:
             divergence = " ".join("-" if d is None else str(d) for d in a["first_divergence"])
             lines.append(f"| {name} | {a['prompts']} | {a['identical']} | {divergence} |")
         lines.append("")
-    lines += ["| batch | configuration | median tokens/s | spread | load averages |", "|---|---|---|---|---|"]
+    lines += [
+        "| batch | configuration | median tokens/s | spread | median tokens per CPU-second | load averages |",
+        "|---|---|---|---|---|---|",
+    ]
     for batch, summary in record["summary"].items():
         for name, row in summary.items():
             if isinstance(row, dict) and "median_tokens_per_s" in row:
                 wide = " (too wide)" if name in summary["too_wide"] else ""
                 lines.append(
                     f"| {batch} | {name} | {row['median_tokens_per_s']} | {row['spread']:.0%}{wide} | "
-                    f"{', '.join(str(x) for x in row['loads'])} |"
+                    f"{row.get('median_tokens_per_cpu_s')} | {', '.join(str(x) for x in row['loads'])} |"
                 )
     lines += [
         "",
@@ -348,13 +410,29 @@ def write(record: dict, args) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for batch, summary in record["summary"].items():
-        r = summary["ratios"]
-        lines.append(
-            f"| {batch} | {record['amateur_step_seconds'][batch]:.4f} | {summary['compute_limit_tokens_per_s']} | "
-            f"{r['cd_separate_over_its_compute_limit']} | {r['cd_separate_over_transformers_cd']} | "
-            f"{r['cd_engine_over_transformers_cd']} | {r['cd_engine_over_vllm_greedy']} | "
-            f"{r['cid_over_vllm_greedy']} |"
-        )
+        for clock, key in (("wall", "ratios"), ("CPU", "cpu_ratios")):
+            if key not in summary:
+                continue
+            r = summary[key]
+            t_amateur = f"{record['amateur_step_seconds'][batch]:.4f}" if clock == "wall" else "(CPU)"
+            limit = summary["compute_limit_tokens_per_s"] if clock == "wall" else "-"
+            lines.append(
+                f"| {batch} ({clock}) | {t_amateur} | {limit} | "
+                f"{r['cd_separate_over_its_compute_limit']} | {r['cd_separate_over_transformers_cd']} | "
+                f"{r['cd_engine_over_transformers_cd']} | {r['cd_engine_over_vllm_greedy']} | "
+                f"{r['cid_over_vllm_greedy']} |"
+            )
+    with_prefill = {
+        b: v["cpu_limit_with_prefill_ratio"]
+        for b, v in record["summary"].items()
+        if "cpu_limit_with_prefill_ratio" in v
+    }
+    if with_prefill:
+        lines += [
+            "",
+            "CD sep / its CPU compute limit counting the amateur's prefill too, per batch: "
+            + json.dumps(with_prefill),
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

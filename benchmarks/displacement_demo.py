@@ -76,7 +76,9 @@ def make_trainer(base_model, tokenizer, method: str, train, args, steps: int, ba
         args=config,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.0),
+        peft_config=LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.0
+        ),
     )
 
 
@@ -99,12 +101,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
-    parser.add_argument("--train-pairs", type=int, default=48, help="training pool: the shortest pairs of the train split")
+    parser.add_argument(
+        "--train-pairs", type=int, default=48, help="training pool: the shortest pairs of the train split"
+    )
     parser.add_argument("--eval-pairs", type=int, default=32, help="held-out: the shortest pairs of the test split")
     parser.add_argument("--drop-fraction", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--single-pairs", type=int, default=8, help="pairs trained on alone for the ranking check (0 = skip)")
+    parser.add_argument(
+        "--single-pairs", type=int, default=8, help="pairs trained on alone for the ranking check (0 = skip)"
+    )
     parser.add_argument("--single-steps", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -141,7 +147,12 @@ def main() -> None:
 
     start = time.perf_counter()
     records = score_pairs(
-        base, tokenizer, pool, settings=CHESSettings(max_length=args.max_length), batch_size=8, output_dir=work / "ches"
+        base,
+        tokenizer,
+        pool,
+        settings=CHESSettings(max_length=args.max_length),
+        batch_size=8,
+        output_dir=work / "ches",
     )
     ches_seconds = time.perf_counter() - start
     dropped_ches = top_fraction(records, args.drop_fraction, score="ches")
@@ -152,11 +163,16 @@ def main() -> None:
         "ches_filtered": [i for i in range(len(pool)) if i not in set(dropped_ches)],
         "random_filtered": [i for i in range(len(pool)) if i not in set(dropped_random)],
     }
-    print(f"CHES of {len(pool)} pairs in {ches_seconds:.0f}s; dropping {len(dropped_ches)} (top CHES / random)", flush=True)
+    print(
+        f"CHES of {len(pool)} pairs in {ches_seconds:.0f}s; dropping {len(dropped_ches)} (top CHES / random)",
+        flush=True,
+    )
 
     by_ches = sorted((r for r in records if "skipped" not in r), key=lambda r: r["ches"])
     spacing = (len(by_ches) - 1) / max(1, args.single_pairs - 1)
-    single_rows = sorted({by_ches[round(k * spacing)]["index"] for k in range(args.single_pairs)}) if args.single_pairs else []
+    single_rows = (
+        sorted({by_ches[round(k * spacing)]["index"] for k in range(args.single_pairs)}) if args.single_pairs else []
+    )
     # DPO's whole picture first, then the other objectives' filtering runs, then their ranking checks: whatever
     # finishes in the time available is the most useful part.
     first, rest = args.objectives[:1], args.objectives[1:]
@@ -228,7 +244,10 @@ def write_results(
         "settings": runs["settings"],
         "machine": MACHINE,
         "finished": all(f"{m}/{c}" in runs for m in args.objectives for c in CONDITIONS)
-        and all(sum(k.startswith(f"{m}/single/") for k in runs) >= min(args.single_pairs, len(records)) for m in args.objectives),
+        and all(
+            sum(k.startswith(f"{m}/single/") for k in runs) >= min(args.single_pairs, len(records))
+            for m in args.objectives
+        ),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "ches_seconds": round(ches_seconds, 1),
         "pool_pairs": len(records),
@@ -265,9 +284,10 @@ def markdown(summary: dict) -> str:
         "",
         f"Training pool: the {summary['pool_pairs']} shortest pairs of the shipped `train` split; held-out: the "
         f"{s['eval_pairs']} shortest of its `test` split. Every run: {s['steps']} steps, batch {s['batch_size']}, "
-        f"lr {s['lr']} (constant), beta {s['beta']}, LoRA r {s['lora_r']}, max_length {s['max_length']}, seed {s['seed']}. "
-        f"Filtered runs drop {summary['dropped']} pairs ({s['drop_fraction']:.0%}): the highest CHES, or random ones "
-        f"(seed {s['seed']}). Changes are against the step-0 policy (= the reference). Accuracy: implicit reward, ties = 1/2.",
+        f"lr {s['lr']} (constant), beta {s['beta']}, LoRA r {s['lora_r']}, max_length {s['max_length']}, "
+        f"seed {s['seed']}. Filtered runs drop {summary['dropped']} pairs ({s['drop_fraction']:.0%}): the highest "
+        f"CHES, or random ones (seed {s['seed']}). Changes are against the step-0 policy (= the reference). Accuracy: "
+        "implicit reward, ties = 1/2.",
         "",
         "| objective | training pairs | held-out chosen log-prob fell (fraction) | mean chosen log-prob change | "
         "mean rejected log-prob change | held-out reward accuracy |",
@@ -285,10 +305,11 @@ def markdown(summary: dict) -> str:
         lines += [
             "",
             f"Ranking check (the paper's): pairs spread over the CHES range, each trained on alone for "
-            f"{s['single_steps']} steps; Spearman correlation between the pair's score and the change of its own chosen "
-            "log-probability (the paper predicts < 0: higher CHES, larger drop).",
+            f"{s['single_steps']} steps; Spearman correlation between the pair's score and the change of its own "
+            "chosen log-probability (the paper predicts < 0: higher CHES, larger drop).",
             "",
-            "| objective | pairs | Spearman(CHES, chosen change) | Spearman(length-normalised CHES, chosen change) | chosen fell (fraction) |",
+            "| objective | pairs | Spearman(CHES, chosen change) | Spearman(length-normalised CHES, chosen change) "
+            "| chosen fell (fraction) |",
             "| --- | --- | --- | --- | --- |",
         ]
         for method, r in summary["ranking"].items():
@@ -297,9 +318,16 @@ def markdown(summary: dict) -> str:
                 f"{r['spearman_ches_normalized_vs_chosen_change']:+.2f} | {r['fraction_chosen_decreased']:.2f} |"
             )
     if not summary["finished"]:
-        lines += ["", "**Partial**: the run stopped before every objective's runs finished; missing rows were not run."]
-    lines += ["", f"Machine: {summary['machine']}. CHES scoring of the pool: {summary['ches_seconds']} s.",
-              f"Command: `{summary['command']}`", ""]
+        lines += [
+            "",
+            "**Partial**: the run stopped before every objective's runs finished; missing rows were not run.",
+        ]
+    lines += [
+        "",
+        f"Machine: {summary['machine']}. CHES scoring of the pool: {summary['ches_seconds']} s.",
+        f"Command: `{summary['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -35,7 +35,6 @@ from transformers import LlamaForCausalLM
 from cdlm.alignment.distill.pairs import (
     PairGenerationSettings,
     SamplingSettings,
-    eos_token_ids,
     generate_from_ids,
     generate_pairs,
     mean_logprobs,
@@ -45,6 +44,7 @@ from cdlm.alignment.distill.config import DistiLLM2Config
 from cdlm.alignment.distill.metrics import distillation_metrics
 from cdlm.alignment.distill.trainer import DistiLLM2Trainer
 from cdlm.models import load_amateur, load_model
+from cdlm.models.prompts import eos_token_ids
 
 from _machine import describe_machine
 

@@ -60,7 +60,7 @@ if [[ $dry_run == 0 && "$gpus" == 0 ]]; then
   exit 1
 fi
 if [[ $dry_run == 1 ]]; then
-  device=cpu; bf16=float32; model=/tmp/cdlm-gpu-check/tiny; limit=4; max_new=8; export OMP_NUM_THREADS=1
+  device=cpu; bf16=float32; model="$work/tiny-model"; limit=4; max_new=8; export OMP_NUM_THREADS=1
   "$py" -c "
 from cdlm import testing
 testing.tiny_llama(0).save_pretrained('$model'); testing.tiny_tokenizer().save_pretrained('$model')"
@@ -176,7 +176,7 @@ EOF
       --dataset "$work/runs/pairs.jsonl" --max-steps 2 --per-device-train-batch-size 2 --max-length 128 \
       --output-dir "$work/runs/train_$method"
   done
-  check distill_real "$py" -m cdlm distill train --model "$model" --teacher "$model" --device "$device" --dtype "$bf16" \
+  check distill_real "$py" -m cdlm distill train --student "$model" --teacher "$model" --device "$device" --dtype "$bf16" \
     --pairs "$work/runs/pairs.jsonl" --max-steps 2 --per-device-train-batch-size 2 --max-length 128 \
     --output-dir "$work/runs/distill"
   check rl_real "$py" -m cdlm rl --model "$model" --device "$device" --dtype "$bf16" --reward rule:gsm8k --num-prompts 8 \

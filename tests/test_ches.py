@@ -54,7 +54,9 @@ def test_ches_matches_paper_definition(request, model_name, tiny_tokenizer):
         # TRL's tokenisation: text replies end with EOS, which is a reply token like any other
         assert row["chosen_ids"][-1] == tiny_tokenizer.eos_token_id
         expected, expected_normalized = paper_ches(model, row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
-        assert record["chosen_tokens"] == len(row["chosen_ids"]) and record["rejected_tokens"] == len(row["rejected_ids"])
+        assert record["chosen_tokens"] == len(row["chosen_ids"]) and record["rejected_tokens"] == len(
+            row["rejected_ids"]
+        )
         assert record["ches"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
         assert record["ches_normalized"] == pytest.approx(expected_normalized, rel=1e-4, abs=1e-4)
     assert len({round(r["ches"], 3) for r in records}) == 3  # distinct pairs, distinct scores
@@ -73,7 +75,9 @@ def test_batching_and_formats_give_the_same_scores(tiny_llama, tiny_tokenizer):
     (The first two pairs' replies differ from their first word, so TRL's prompt extraction recovers the prompt.)
     """
     explicit = Dataset.from_list(PAIRS[:2])
-    implicit = Dataset.from_list([{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in PAIRS[:2]])
+    implicit = Dataset.from_list(
+        [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in PAIRS[:2]]
+    )
     one = score_pairs(tiny_llama, tiny_tokenizer, explicit, batch_size=1)
     three = score_pairs(tiny_llama, tiny_tokenizer, explicit, batch_size=3)
     from_implicit = score_pairs(tiny_llama, tiny_tokenizer, implicit, batch_size=3)
@@ -100,7 +104,9 @@ def test_max_length_truncates_like_the_trainers(tiny_llama, tiny_tokenizer):
     (record,) = score_pairs(tiny_llama, tiny_tokenizer, dataset, settings=CHESSettings(max_length=max_length))
     expected, _ = paper_ches(tiny_llama, row["prompt_ids"], row["chosen_ids"][:2], row["rejected_ids"][:2])
     assert record["chosen_tokens"] == 2 and record["ches"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
-    (skipped,) = score_pairs(tiny_llama, tiny_tokenizer, dataset, settings=CHESSettings(max_length=len(row["prompt_ids"])))
+    (skipped,) = score_pairs(
+        tiny_llama, tiny_tokenizer, dataset, settings=CHESSettings(max_length=len(row["prompt_ids"]))
+    )
     assert math.isnan(skipped["ches"]) and "max_length" in skipped["skipped"]
 
 
@@ -113,7 +119,12 @@ def test_resume_continues_and_refuses_changes(tmp_path, tiny_llama, tiny_tokeniz
     (tmp_path / "a" / "samples.jsonl").write_text(samples[0] + samples[1][:10])
     calls = []
     resumed = score_pairs(
-        tiny_llama, tiny_tokenizer, dataset, output_dir=tmp_path / "a", batch_size=1, progress=lambda d, t: calls.append(d)
+        tiny_llama,
+        tiny_tokenizer,
+        dataset,
+        output_dir=tmp_path / "a",
+        batch_size=1,
+        progress=lambda d, t: calls.append(d),
     )
     assert calls == [2, 3]  # only the two missing pairs were computed
     assert [r["ches"] for r in resumed] == pytest.approx([r["ches"] for r in full], rel=1e-9)
@@ -122,7 +133,9 @@ def test_resume_continues_and_refuses_changes(tmp_path, tiny_llama, tiny_tokeniz
     with pytest.raises(ValueError, match="data"):
         score_pairs(tiny_llama, tiny_tokenizer, changed, output_dir=tmp_path / "a")
     with pytest.raises(ValueError, match="settings"):
-        score_pairs(tiny_llama, tiny_tokenizer, dataset, output_dir=tmp_path / "a", settings=CHESSettings(max_length=64))
+        score_pairs(
+            tiny_llama, tiny_tokenizer, dataset, output_dir=tmp_path / "a", settings=CHESSettings(max_length=64)
+        )
     other_model = testing.tiny_llama(seed=1)
     with pytest.raises(ValueError, match="model_weights"):
         score_pairs(other_model, tiny_tokenizer, dataset, output_dir=tmp_path / "a")
@@ -146,10 +159,33 @@ def test_cli_scores_writes_histogram_and_drops_top(tmp_path, tiny_llama, tiny_to
     tiny_tokenizer.save_pretrained(folder)
     data = tmp_path / "pairs.jsonl"
     # implicit-prompt rows, as TRL accepts them
-    data.write_text("".join(json.dumps({"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}) + "\n" for p in PAIRS))
+    data.write_text(
+        "".join(
+            json.dumps({"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]}) + "\n"
+            for p in PAIRS
+        )
+    )
     out = tmp_path / "out"
-    argv = ["data", "ches", "--model", str(folder), "--dataset", str(data), "--split", "all", "--output-dir", str(out),
-            "--drop-top", "0.34", "--threads", "1", "--dtype", "float32", "--device", "cpu"]
+    argv = [
+        "data",
+        "ches",
+        "--model",
+        str(folder),
+        "--dataset",
+        str(data),
+        "--split",
+        "all",
+        "--output-dir",
+        str(out),
+        "--drop-top",
+        "0.34",
+        "--threads",
+        "1",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     top = max(records, key=lambda r: r["ches"])["index"]

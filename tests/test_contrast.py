@@ -134,9 +134,43 @@ def test_contrast_keeps_the_dtype_and_never_modifies_its_inputs():
     assert torch.equal(expert, before[0]) and torch.equal(amateur, before[1])
 
 
+def test_forbidden_eos_promotion_keeps_eos_only_where_the_expert_ranks_it_first():
+    # Row 0: the expert prefers id 0 (p .5) over EOS = id 2 (p .2); the amateur gives EOS almost nothing, so the
+    # papers' rule promotes EOS (log(.2/.01) = 3.00 > 0). Row 1: EOS is the expert's first choice: it stays.
+    expert = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.3, 0.5]], dtype=torch.float64))
+    amateur = torch.log(torch.tensor([[0.5, 0.49, 0.01], [0.5, 0.49, 0.01]], dtype=torch.float64))
+    papers = contrast(expert, amateur, alpha=0.1, weight=1.0, formulation="li")
+    assert papers.argmax(-1).tolist() == [2, 2]
+    got = ContrastSettings.for_cd(formulation="li", alpha=0.1).forbidding_promotion_of([2]).apply(expert, amateur)
+    expected = [[0.0, LOG(0.3 / 0.49), -INF], [LOG(0.2 / 0.5), LOG(0.3 / 0.49), LOG(0.5 / 0.01)]]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert got.argmax(-1).tolist() == [0, 2]
+    # Ids outside the contrasted range are ignored; bad ids are refused.
+    far = ContrastSettings.for_cd(formulation="li").forbidding_promotion_of([99]).apply(expert, amateur)
+    torch.testing.assert_close(far, papers)
+    with pytest.raises(ValueError, match="special_ids must be non-negative"):
+        ContrastSettings.for_cd().forbidding_promotion_of([-1])
+
+
+def test_eos_promotion_setting_reaches_the_processors_through_the_registry(tiny_llama, tiny_tokenizer):
+    batch = tiny_tokenizer(["The quick brown fox"], return_tensors="pt")
+    early = EarlyExitAmateur(tiny_llama, 2)
+    forbid = ContrastiveDecodingMethod(tiny_llama, tiny_tokenizer, amateur=early, eos_promotion="forbid")
+    allow = ContrastiveDecodingMethod(tiny_llama, tiny_tokenizer, amateur=early, eos_promotion="allow")
+    default = ContrastiveDecodingMethod(tiny_llama, tiny_tokenizer, amateur=early)
+    assert forbid.generate_kwargs(batch)["logits_processor"][0].settings.special_ids == (testing.EOS_ID,)
+    assert default.hyperparameters["eos_promotion"] == "forbid"  # the measured default (EOS-first 50% -> 5%)
+    assert allow.generate_kwargs(batch)["logits_processor"][0].settings.special_ids == ()
+    cid = ContrastiveInputMethod(tiny_llama, tiny_tokenizer, eos_promotion="forbid")
+    assert cid.generate_kwargs(batch, batch)["logits_processor"][0].settings.special_ids == (testing.EOS_ID,)
+    with pytest.raises(ValueError, match="eos_promotion must be one of"):
+        ContrastiveDecodingMethod(tiny_llama, tiny_tokenizer, amateur=early, eos_promotion="never")
+
+
 # ---------------------------------------------------------------------------------------------- settings
 def test_settings_weight_rule_and_defaults():
-    assert ContrastSettings.for_cd() == ContrastSettings("obrien-lewis", 0.1, 0.5, 1.0)
+    assert ContrastSettings.for_cd() == ContrastSettings("li", 0.1, 1.0, 1.0)  # the open-ended winner
+    assert ContrastSettings.for_cd(formulation="obrien-lewis") == ContrastSettings("obrien-lewis", 0.1, 0.5, 1.0)
     assert ContrastSettings.for_cd(formulation="li", beta=4.0).weight == 1.0  # Li et al.: weight 1, no beta
     assert ContrastSettings.for_cid(cid_lambda=2.0) == ContrastSettings("li", 0.1, 2.0, 1.0)
     from_names = ContrastSettings.from_hyperparameters(
@@ -144,8 +178,9 @@ def test_settings_weight_rule_and_defaults():
     )
     assert from_names == ContrastSettings("obrien-lewis", 0.1, 0.8, 1.0)
     # The registry declares exactly the names and defaults of the one home.
-    cd_params = {p.name: p.default for p in ContrastiveDecodingMethod.params if p.name != "num_beams"}
-    cid_params = {p.name: p.default for p in ContrastiveInputMethod.params if p.name != "num_beams"}
+    own = ("num_beams", "eos_promotion")
+    cd_params = {p.name: p.default for p in ContrastiveDecodingMethod.params if p.name not in own}
+    cid_params = {p.name: p.default for p in ContrastiveInputMethod.params if p.name not in own}
     assert cd_params == {name: DEFAULTS[name] for name in CD_HYPERPARAMETERS}
     assert cid_params == {name: DEFAULTS[name] for name in CID_HYPERPARAMETERS}
 

@@ -159,7 +159,7 @@ def test_gemma3_sliding_window_matches_naive_reference(tiny_tokenizer):
     hp = dict(formulation="obrien-lewis", alpha=0.1, beta=1.0, tau=1.0)
     batch = _batch(tiny_tokenizer)  # prompts and generations longer than the sliding window of 8
     processor = ContrastiveDecodingLogitsProcessor(
-        amateur_model, alpha=0.1, beta=1.0, attention_mask=batch["attention_mask"]
+        amateur_model, alpha=0.1, beta=1.0, formulation="obrien-lewis", attention_mask=batch["attention_mask"]
     )
     got = _generated(_cd_generate(expert, processor, batch, steps=10), batch)
     for prompt, tokens in zip(PROMPTS, got):
@@ -207,7 +207,9 @@ def test_inferred_left_padding_equals_given_mask(tiny_llama, amateur, tiny_token
 def test_beta_zero_is_plain_greedy(tiny_llama, amateur, tiny_tokenizer):
     batch = _batch(tiny_tokenizer)
     greedy = tiny_llama.generate(**batch, max_new_tokens=12, do_sample=False)
-    processor = ContrastiveDecodingLogitsProcessor(amateur, beta=0.0, attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(
+        amateur, beta=0.0, formulation="obrien-lewis", attention_mask=batch["attention_mask"]
+    )
     assert torch.equal(_cd_generate(tiny_llama, processor, batch), greedy)
 
 
@@ -217,7 +219,9 @@ def test_identical_expert_and_amateur_obrien_lewis_is_greedy(tiny_llama, tiny_to
     batch = _batch(tiny_tokenizer)
     greedy = tiny_llama.generate(**batch, max_new_tokens=12, do_sample=False)
     twin = testing.tiny_llama(seed=0)  # same weights, separate object and cache
-    processor = ContrastiveDecodingLogitsProcessor(twin, beta=beta, attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(
+        twin, beta=beta, formulation="obrien-lewis", attention_mask=batch["attention_mask"]
+    )
     assert torch.equal(_cd_generate(tiny_llama, processor, batch), greedy)
 
 
@@ -280,7 +284,7 @@ def test_amateur_in_another_dtype(tiny_llama, tiny_tokenizer):
     low = testing.tiny_llama(seed=1).to(torch.bfloat16)
     hp = dict(formulation="obrien-lewis", alpha=0.1, beta=0.5, tau=1.0)
     batch = _batch(tiny_tokenizer, PROMPTS[:2])
-    processor = ContrastiveDecodingLogitsProcessor(low, attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(low, formulation="obrien-lewis", attention_mask=batch["attention_mask"])
     got = _generated(_cd_generate(tiny_llama, processor, batch, steps=6), batch)
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == naive_cd_greedy(tiny_llama, low, _prompt_ids(tiny_tokenizer, prompt), 6, **hp)

@@ -422,6 +422,10 @@ def test_auto_layout_checks_then_shares_the_context(tiny_tokenizer, model_name, 
     checks.clear()
     assert auto.tolist() == model.generate(**batch, **kwargs, candidate_layout="row_per_candidate").tolist()
     assert chosen == ["shared_context"] * 2 + ["row_per_candidate"]
+    # A cache too small for the shared context to pay (1 row x 5 tokens) keeps one row per candidate.
+    built = len(checks)
+    model.generate(**tiny_tokenizer(["The quick brown fox"], return_tensors="pt"), **kwargs)
+    assert chosen[-1] == "row_per_candidate" and len(checks) == built + 1  # the path itself, no check
 
 
 def test_auto_layout_falls_back_when_the_check_fails(tiny_tokenizer, tiny_llama, monkeypatch, caplog):

@@ -19,7 +19,11 @@ from cdlm.alignment.preference.trainer import PreferenceTrainer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRAIN = [
-    {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt.", "rejected": " No."},
+    {
+        "prompt": "Human: How do I bake bread? Assistant:",
+        "chosen": " Mix flour, water, yeast and salt.",
+        "rejected": " No.",
+    },
     {"prompt": "Question: How many clips?", "chosen": " She sold 24 clips.", "rejected": " The quick brown fox."},
 ]
 HELD_OUT = [
@@ -69,7 +73,13 @@ def direct_logps(model, tokenizer, pairs: list[dict], max_length: int) -> torch.
 def test_trainers_log_displacement_equal_to_direct_computation(method, extra, tokenizer, tmp_path):
     model = testing.tiny_llama(seed=0)
     config = PreferenceConfig(
-        output_dir=str(tmp_path), method=method, max_steps=4, save_strategy="no", displacement_pairs=3, **COMMON, **extra
+        output_dir=str(tmp_path),
+        method=method,
+        max_steps=4,
+        save_strategy="no",
+        displacement_pairs=3,
+        **COMMON,
+        **extra,
     )
     trainer = PreferenceTrainer(
         model,
@@ -106,7 +116,9 @@ def test_displacement_metrics_exact():
 def test_off_and_training_set_fallback(tokenizer, tmp_path):
     off = PreferenceTrainer(
         testing.tiny_llama(seed=0),
-        args=PreferenceConfig(output_dir=str(tmp_path / "off"), max_steps=1, save_strategy="no", displacement_pairs=0, **COMMON),
+        args=PreferenceConfig(
+            output_dir=str(tmp_path / "off"), max_steps=1, save_strategy="no", displacement_pairs=0, **COMMON
+        ),
         train_dataset=Dataset.from_list(TRAIN),
         processing_class=tokenizer,
         peft_config=LORA,
@@ -114,7 +126,9 @@ def test_off_and_training_set_fallback(tokenizer, tmp_path):
     assert off.displacement is None
     fallback = PreferenceTrainer(
         testing.tiny_llama(seed=0),
-        args=PreferenceConfig(output_dir=str(tmp_path / "on"), max_steps=1, save_strategy="no", displacement_pairs=8, **COMMON),
+        args=PreferenceConfig(
+            output_dir=str(tmp_path / "on"), max_steps=1, save_strategy="no", displacement_pairs=8, **COMMON
+        ),
         train_dataset=Dataset.from_list(TRAIN),
         processing_class=tokenizer,
         peft_config=LORA,
@@ -124,12 +138,18 @@ def test_off_and_training_set_fallback(tokenizer, tmp_path):
 
 def test_resume_keeps_step_zero_reference(tokenizer, tmp_path):
     """A run resumed from a checkpoint measures from the original step 0, exactly as an uninterrupted run."""
+
     def make(max_steps):
         return PreferenceTrainer(
             testing.tiny_llama(seed=0),
             args=PreferenceConfig(
-                output_dir=str(tmp_path), method="dpo", max_steps=max_steps, save_strategy="steps", save_steps=2,
-                displacement_pairs=3, **COMMON,
+                output_dir=str(tmp_path),
+                method="dpo",
+                max_steps=max_steps,
+                save_strategy="steps",
+                save_steps=2,
+                displacement_pairs=3,
+                **COMMON,
             ),
             train_dataset=Dataset.from_list(TRAIN),
             eval_dataset=Dataset.from_list(HELD_OUT),

@@ -36,7 +36,11 @@ from transformers import TrainerCallback
 GLOBAL_BATCH = 2
 STEPS = 3
 PAIRS = [
-    {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt.", "rejected": " No."},
+    {
+        "prompt": "Human: How do I bake bread? Assistant:",
+        "chosen": " Mix flour, water, yeast and salt.",
+        "rejected": " No.",
+    },
     {"prompt": "Question: How many clips?", "chosen": " She sold 24 clips.", "rejected": " The quick brown fox."},
     {"prompt": "Count to five.", "chosen": " 1 2 3 4 5", "rejected": " 7 7"},
     {"prompt": "Name a colour.", "chosen": " Brown, like the fox.", "rejected": " 12 + 9"},
@@ -63,7 +67,9 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _record(out: Path, name: str, trainer, trainable: dict[str, torch.Tensor], log: list[dict], seconds: float) -> None:
+def _record(
+    out: Path, name: str, trainer, trainable: dict[str, torch.Tensor], log: list[dict], seconds: float
+) -> None:
     rank, world = _world()
     torch.save({k: v.detach().float().cpu() for k, v in trainable.items()}, out / f"{name}.rank{rank}.pt")
     if rank == 0:
@@ -78,9 +84,18 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _common(out: Path, name: str) -> dict:
     _, world = _world()
     return dict(
-        output_dir=str(out / name), per_device_train_batch_size=GLOBAL_BATCH // world, max_steps=STEPS,
-        learning_rate=2e-3, logging_steps=1, save_strategy="steps", save_steps=STEPS, report_to=[], seed=0,
-        disable_tqdm=True, bf16=False, dataloader_pin_memory=False,
+        output_dir=str(out / name),
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        max_steps=STEPS,
+        learning_rate=2e-3,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=STEPS,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        dataloader_pin_memory=False,
     )
 
 
@@ -97,9 +112,16 @@ def _run_preference(out: Path, name: str) -> None:
     from cdlm.alignment.preference.config import PreferenceConfig
     from cdlm.alignment.preference.trainer import PreferenceTrainer
 
-    config = PreferenceConfig(**_common(out, name), max_length=64, gradient_checkpointing=False, **PREFERENCE_CASES[name])
-    trainer = PreferenceTrainer(testing.tiny_llama(0), args=config, train_dataset=Dataset.from_list(PAIRS),
-                                processing_class=testing.tiny_tokenizer(), peft_config=_lora())
+    config = PreferenceConfig(
+        **_common(out, name), max_length=64, gradient_checkpointing=False, **PREFERENCE_CASES[name]
+    )
+    trainer = PreferenceTrainer(
+        testing.tiny_llama(0),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=testing.tiny_tokenizer(),
+        peft_config=_lora(),
+    )
     started = time.perf_counter()
     trainer.train()
     trainable = _trainable(trainer.model)
@@ -116,8 +138,14 @@ def _run_distillm2(out: Path, name: str) -> None:
     reduction = "token" if name.endswith("token") else "sequence"
     config = DistiLLM2Config(**_common(out, name), reduction=reduction, max_length=64)
     student, teacher = testing.tiny_llama(1, hidden_size=32, num_layers=2), testing.tiny_llama(0)
-    trainer = DistiLLM2Trainer(student, teacher, args=config, train_dataset=PAIRS,
-                               processing_class=testing.tiny_tokenizer(), peft_config=_lora())
+    trainer = DistiLLM2Trainer(
+        student,
+        teacher,
+        args=config,
+        train_dataset=PAIRS,
+        processing_class=testing.tiny_tokenizer(),
+        peft_config=_lora(),
+    )
     started = time.perf_counter()
     trainer.train()
     _record(out, name, trainer, _trainable(trainer.model), trainer.state.log_history, time.perf_counter() - started)
@@ -133,9 +161,19 @@ def _run_reward_model(out: Path, name: str, model_dir: Path) -> None:
     rows = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in PAIRS]
     started = time.perf_counter()
     trainer = train_reward_model(
-        model_dir, testing.tiny_tokenizer(), Dataset.from_list(rows), out / name, lora_r=4, lora_alpha=8,
-        learning_rate=2e-3, per_device_train_batch_size=common["per_device_train_batch_size"], max_length=64,
-        max_steps=STEPS, seed=0, disable_tqdm=True, dataloader_pin_memory=False,
+        model_dir,
+        testing.tiny_tokenizer(),
+        Dataset.from_list(rows),
+        out / name,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=2e-3,
+        per_device_train_batch_size=common["per_device_train_batch_size"],
+        max_length=64,
+        max_steps=STEPS,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
     )
     _record(out, name, trainer, _trainable(trainer.model), trainer.state.log_history, time.perf_counter() - started)
 
@@ -144,17 +182,28 @@ def _letter_reward(prompts, completions, **kwargs):
     return [c.count("e") / 4.0 for c in completions]
 
 
-def _ppo_trainer(out: Path, name: str, iterations: int):
+def _ppo_trainer(out: Path, name: str, iterations: int, save_steps: int = 1):
     from cdlm import testing
     from cdlm.alignment.rl.config import PPOConfig
     from cdlm.alignment.rl.trainer import PPOTrainer
 
     config = PPOConfig(
-        output_dir=str(out / name), num_iterations=iterations, rollout_batch_size=4, mini_batch_size=2, ppo_epochs=1,
-        gradient_accumulation_steps=2 // _world()[1], max_new_tokens=4, learning_rate=3e-3, temperature=1.0,
-        kl_coef=0.1, seed=0, save_steps=1,
+        output_dir=str(out / name),
+        num_iterations=iterations,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=1,
+        gradient_accumulation_steps=2 // _world()[1],
+        max_new_tokens=4,
+        learning_rate=3e-3,
+        temperature=1.0,
+        kl_coef=0.1,
+        seed=0,
+        save_steps=save_steps,
     )
-    return PPOTrainer(testing.tiny_llama(0), config, testing.tiny_tokenizer(), _letter_reward, PPO_PROMPTS, peft_config=_lora())
+    return PPOTrainer(
+        testing.tiny_llama(0), config, testing.tiny_tokenizer(), _letter_reward, PPO_PROMPTS, peft_config=_lora()
+    )
 
 
 def _run_ppo(out: Path, name: str) -> None:
@@ -166,6 +215,8 @@ def _run_ppo(out: Path, name: str) -> None:
     resumed = _ppo_trainer(out, name, iterations=2)
     resumed.train(resume_from_checkpoint=str(out / name / "checkpoint-1"))
     _record(out, name + "_resumed", resumed, resumed._trainable_state(), resumed.history, 0.0)
+    # Final checkpoint only (save_steps=0): every process must take part in the save, whoever sees the folder first.
+    _ppo_trainer(out, name + "_final_only", iterations=1, save_steps=0).train()
 
 
 def run_cases(out: Path, cases: list[str], model_dir: Path) -> None:
@@ -190,8 +241,19 @@ def run_cases(out: Path, cases: list[str], model_dir: Path) -> None:
 
 def _torchrun(out: Path, model_dir: Path, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               __file__, "--worker", str(out), "--model-dir", str(model_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+        __file__,
+        "--worker",
+        str(out),
+        "--model-dir",
+        str(model_dir),
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -237,7 +299,9 @@ def test_two_processes_match_one_process(name, one_process, two_processes):
     for key in keys:
         single, double = _logged(one_process, name, key), _logged(two_processes, name, key)
         assert len(single) == len(double) > 0, (key, single, double)
-        torch.testing.assert_close(torch.tensor(double), torch.tensor(single), rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+        torch.testing.assert_close(
+            torch.tensor(double), torch.tensor(single), rtol=1e-4, atol=1e-6, msg=f"{name} {key}"
+        )
     rank0 = torch.load(two_processes / f"{name}.rank0.pt")
     rank1 = torch.load(two_processes / f"{name}.rank1.pt")
     single = torch.load(one_process / f"{name}.rank0.pt")
@@ -263,14 +327,28 @@ def test_sparsepo_mask_gradients_do_not_leak_into_the_next_step(tmp_path):
     from cdlm.alignment.preference.trainer import PreferenceTrainer
 
     common = {**_common(tmp_path, "masks"), "max_steps": 2, "save_strategy": "no"}
-    config = PreferenceConfig(**common, max_length=64, gradient_checkpointing=False, **PREFERENCE_CASES["sparsepo_learned"])
-    trainer = PreferenceTrainer(testing.tiny_llama(0), args=config, train_dataset=Dataset.from_list(PAIRS),
-                                processing_class=testing.tiny_tokenizer(), peft_config=_lora())
+    config = PreferenceConfig(
+        **common, max_length=64, gradient_checkpointing=False, **PREFERENCE_CASES["sparsepo_learned"]
+    )
+    trainer = PreferenceTrainer(
+        testing.tiny_llama(0),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=testing.tiny_tokenizer(),
+        peft_config=_lora(),
+    )
     seen = []
-    trainer.add_callback(type("Spy", (TrainerCallback,), {
-        "on_pre_optimizer_step": lambda self, *a, **k: seen.append(
-            [None if p.grad is None else p.grad.clone() for p in trainer.mask_module.parameters()])
-    })())
+    trainer.add_callback(
+        type(
+            "Spy",
+            (TrainerCallback,),
+            {
+                "on_pre_optimizer_step": lambda self, *a, **k: seen.append(
+                    [None if p.grad is None else p.grad.clone() for p in trainer.mask_module.parameters()]
+                )
+            },
+        )()
+    )
     trainer.train()
     assert len(seen) == 2 and all(g is not None for g in seen[0])
     assert all(p.grad is None for p in trainer.mask_module.parameters())
@@ -282,6 +360,7 @@ def test_ppo_resumed_in_two_processes_matches_uninterrupted(two_processes):
         resumed = torch.load(two_processes / f"ppo_resumed.rank{rank}.pt")
         for key in full:
             torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6)
+    assert (two_processes / "ppo_final_only" / "checkpoint-1" / "trainer_state.json").exists()
     full_log = _logged(two_processes, "ppo", "loss/policy")
     assert _logged(two_processes, "ppo_resumed", "loss/policy") == full_log
 

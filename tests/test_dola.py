@@ -32,13 +32,14 @@ def naive_dola(model, prompt_ids, layers, *, form, relative_top, penalty, max_ne
     model on the whole sequence (no cache), reads each candidate layer's distribution, picks the layer
     with the largest divergence from the final layer, keeps the tokens whose final probability is at
     least ``relative_top`` times the largest, scores them by the log-ratio, applies Keskar et al.'s
-    repetition penalty to every token already in the sequence, and takes the argmax.
+    repetition penalty to every token already in the sequence, and takes the argmax. Returns the new tokens and
+    the layer contrasted at each step.
 
     ``form="paper"``: premature layers are read like the final one (final norm, head, soft-capping) and the
     divergence is Jensen-Shannon. ``form="transformers"``: 4.55.4's bare head on the raw hidden state, and
     its divergence 0.5 * (KL(m || p_final) + KL(m || p_j)) / vocabulary size.
     """
-    sequence = list(prompt_ids)
+    sequence, chosen = list(prompt_ids), []
     norm = model.get_decoder().norm
     for _ in range(max_new_tokens):
         out = model(input_ids=torch.tensor([sequence]), output_hidden_states=True)
@@ -54,19 +55,24 @@ def naive_dola(model, prompt_ids, layers, *, form, relative_top, penalty, max_ne
                     (final * (final / middle).log()).nansum() + (premature * (premature / middle).log()).nansum()
                 )
             else:
-                divergence = 0.5 * ((middle * (middle / final).log()).sum() + (middle * (middle / premature).log()).sum())
+                divergence = 0.5 * (
+                    (middle * (middle / final).log()).sum() + (middle * (middle / premature).log()).sum()
+                )
                 divergence = divergence / final.numel()
             if divergence > best_divergence:
                 best_layer, best_divergence, best_premature = layer, divergence, premature
         plausible = final >= relative_top * final.max()
-        scores = torch.where(plausible, final.log() - best_premature.log(), torch.tensor(-math.inf, dtype=torch.float64))
+        scores = torch.where(
+            plausible, final.log() - best_premature.log(), torch.tensor(-math.inf, dtype=torch.float64)
+        )
         for token in set(sequence):
             scores[token] = scores[token] * penalty if scores[token] < 0 else scores[token] / penalty
         token = int(scores.argmax())
         sequence.append(token)
+        chosen.append(best_layer)
         if token == eos_id:
             break
-    return sequence[len(prompt_ids) :]
+    return sequence[len(prompt_ids) :], chosen
 
 
 def _batch(tokenizer, prompts=PROMPTS):
@@ -87,15 +93,27 @@ def test_matches_naive_reference(tiny_tokenizer, family, form, layers, penalty):
     for prompt in PROMPTS:
         ids = tiny_tokenizer([prompt], return_tensors="pt")
         with torch.no_grad():
-            expected = naive_dola(
-                model, ids["input_ids"][0].tolist(), layers, form=form, relative_top=0.1, penalty=penalty,
-                max_new_tokens=12, eos_id=testing.EOS_ID,
+            expected, expected_layers = naive_dola(
+                model,
+                ids["input_ids"][0].tolist(),
+                layers,
+                form=form,
+                relative_top=0.1,
+                penalty=penalty,
+                max_new_tokens=12,
+                eos_id=testing.EOS_ID,
             )
         got = model.generate(
-            **ids, custom_generate=dola, dola_layers=list(layers), dola_form=form, repetition_penalty=penalty,
+            **ids,
+            custom_generate=dola,
+            dola_layers=list(layers),
+            dola_form=form,
+            repetition_penalty=penalty,
             max_new_tokens=12,
+            return_dict_in_generate=True,
         )
-        assert got[0, ids["input_ids"].shape[1] :].tolist() == expected, prompt
+        assert got.sequences[0, ids["input_ids"].shape[1] :].tolist() == expected, prompt
+        assert got.premature_layers[0].tolist() == expected_layers, prompt
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.2])
@@ -103,7 +121,9 @@ def test_matches_naive_reference(tiny_tokenizer, family, form, layers, penalty):
 def test_batched_equals_unbatched(tiny_tokenizer, tiny_llama, penalty, form):
     """Each row picks its own premature layer, so a row's tokens and layers do not depend on its batch."""
     batch = _batch(tiny_tokenizer)
-    kwargs = dict(custom_generate=dola, dola_layers=[1, 2, 3], dola_form=form, repetition_penalty=penalty, max_new_tokens=16)
+    kwargs = dict(
+        custom_generate=dola, dola_layers=[1, 2, 3], dola_form=form, repetition_penalty=penalty, max_new_tokens=16
+    )
     batched = tiny_llama.generate(**batch, **kwargs, return_dict_in_generate=True)
     width = batch["input_ids"].shape[1]
     for i, prompt in enumerate(PROMPTS):
@@ -178,15 +198,24 @@ def test_sampling_with_top_k_one_equals_greedy_dola(tiny_tokenizer, tiny_llama):
     """do_sample samples from the processed DoLa scores: with top_k=1 only their argmax is left."""
     batch = _batch(tiny_tokenizer)
     kwargs = dict(custom_generate=dola, dola_layers="low", repetition_penalty=1.2, max_new_tokens=12)
-    assert tiny_llama.generate(**batch, **kwargs, do_sample=True, top_k=1).tolist() == tiny_llama.generate(**batch, **kwargs).tolist()
+    assert (
+        tiny_llama.generate(**batch, **kwargs, do_sample=True, top_k=1).tolist()
+        == tiny_llama.generate(**batch, **kwargs).tolist()
+    )
 
 
 def test_module_is_callable_and_return_dict(tiny_tokenizer, tiny_llama):
     batch = _batch(tiny_tokenizer)
     plain = tiny_llama.generate(**batch, custom_generate=dola, dola_layers=[1, 3], max_new_tokens=8, min_new_tokens=8)
     out = tiny_llama.generate(
-        **batch, custom_generate=dola_module, dola_layers=[1, 3], max_new_tokens=8, min_new_tokens=8,
-        return_dict_in_generate=True, output_scores=True, output_logits=True,
+        **batch,
+        custom_generate=dola_module,
+        dola_layers=[1, 3],
+        max_new_tokens=8,
+        min_new_tokens=8,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
     )
     assert out.sequences.tolist() == plain.tolist()
     assert len(out.scores) == len(out.logits) == 8
@@ -208,11 +237,18 @@ def test_plain_function_api_and_method(tiny_tokenizer, tiny_llama):
     method = get_method("dola")(tiny_llama, tiny_tokenizer, dola_layers="0,2")
     assert isinstance(method, DolaMethod)
     assert method.describe() == {
-        "method": "dola", "dola_layers": "0,2", "relative_top": 0.1, "dola_form": "transformers", "repetition_penalty": 1.2,
+        "method": "dola",
+        "dola_layers": "0,2",
+        "relative_top": 0.1,
+        "dola_form": "transformers",
+        "repetition_penalty": 1.2,
     }
     generations, stats = run_generate(tiny_llama, tiny_tokenizer, PROMPTS[:2], method, max_new_tokens=8)
     direct = tiny_llama.generate(
-        **_batch(tiny_tokenizer, PROMPTS[:2]), custom_generate=dola, dola_layers=[0, 2], repetition_penalty=1.2,
+        **_batch(tiny_tokenizer, PROMPTS[:2]),
+        custom_generate=dola,
+        dola_layers=[0, 2],
+        repetition_penalty=1.2,
         max_new_tokens=8,
     )
     width = _batch(tiny_tokenizer, PROMPTS[:2])["input_ids"].shape[1]
@@ -280,7 +316,8 @@ _QUICK = {("high", 1.2), (str([4, 10, 16, 22]), 1.0)}
     ("dola_layers", "repetition_penalty"),
     [
         pytest.param(
-            layers, p,
+            layers,
+            p,
             marks=[pytest.mark.real_model] + ([] if (str(layers), p) in _QUICK else [pytest.mark.slow]),
             id=f"{'-'.join(map(str, layers)) if isinstance(layers, list) else layers}-rp{p}",
         )
@@ -291,7 +328,9 @@ def test_matches_transformers_4_55_reference(smollm2, dola_layers, repetition_pe
     """Token-identical to transformers 4.55.4's generate(dola_layers=...) on SmolLM2-135M-Instruct (chat and
     plain prompts, batch 1 each, the recorded input ids fed as is), contrasting the same layer at every step."""
     fixture = _fixture()
-    run = next(r for r in fixture["runs"] if (r["dola_layers"], r["repetition_penalty"]) == (dola_layers, repetition_penalty))
+    run = next(
+        r for r in fixture["runs"] if (r["dola_layers"], r["repetition_penalty"]) == (dola_layers, repetition_penalty)
+    )
     mismatches = []
     for i, prompt in enumerate(fixture["prompts"]):
         input_ids = torch.tensor([prompt["input_ids"]])

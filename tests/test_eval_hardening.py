@@ -362,3 +362,23 @@ def test_task_options_reach_the_config_and_unknown_ones_are_refused(tiny_folder,
     assert cli_main(argv + ["--task-option", "nokey"]) == 2
     assert "--task-option takes KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_bad_hyperparameters_are_refused_before_the_model_loads(tmp_path, capsys):
+    """The model reference does not exist: the hyperparameter error must come first, and nothing is written."""
+    argv = [
+        "eval",
+        "--task",
+        "hellaswag",
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--method",
+        "cd",
+        "--beta",
+        "-1",
+        "--output-dir",
+        str(tmp_path / "r"),
+    ]
+    assert cli_main(argv) == 2
+    assert "beta must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

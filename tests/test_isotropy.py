@@ -16,7 +16,11 @@ from cdlm.models.isotropy import default_texts, layer_self_similarity, self_simi
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "A man is sitting on a roof. He starts pulling up roofing.", "0 1 2 3"]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is sitting on a roof. He starts pulling up roofing.",
+    "0 1 2 3",
+]
 
 
 def brute_force(hidden: torch.Tensor) -> float:
@@ -79,7 +83,9 @@ def test_special_tokens_are_fed_but_not_counted(tiny_tokenizer):
     model = testing.tiny_llama(seed=0)
     report = layer_self_similarity(model, WithBos(), TEXTS[:1], max_tokens=6)
     with torch.no_grad():
-        states = model(input_ids=torch.tensor([ids[:1] + WithBos()(TEXTS[0])["input_ids"][1:7]]), output_hidden_states=True)
+        states = model(
+            input_ids=torch.tensor([ids[:1] + WithBos()(TEXTS[0])["input_ids"][1:7]]), output_hidden_states=True
+        )
     assert report.tokens == 6
     assert report.layers[2].mean_cosine == pytest.approx(brute_force(states.hidden_states[2][0, 1:]), abs=1e-5)
 
@@ -108,10 +114,30 @@ def test_cli_writes_json_and_table(tmp_path, tiny_tokenizer, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS) + "\n")
     output = tmp_path / "out" / "isotropy.json"
-    code = main(["isotropy", str(folder), "--texts-file", str(texts), "--max-tokens", "16", "--output", str(output), "--threads", "1"])
+    code = main(
+        [
+            "isotropy",
+            str(folder),
+            "--texts-file",
+            str(texts),
+            "--max-tokens",
+            "16",
+            "--output",
+            str(output),
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 0
-    report = json.loads(output.read_text())
+    payload = json.loads(output.read_text())
+    (report,) = payload["reports"]
     assert report["texts"] == 3 and [row["layer"] for row in report["layers"]] == [0, 1, 2, 3, 4]
     assert "| layer |" in output.with_suffix(".md").read_text() and "| layer |" in capsys.readouterr().out
+    # Several models in one command: one report each, in order (here the same model twice).
+    assert (
+        main(["isotropy", str(folder), str(folder), "--texts-file", str(texts), "--max-tokens", "16", "--json"]) == 0
+    )
+    both = json.loads(capsys.readouterr().out)["reports"]
+    assert [r["layers"] for r in both] == [report["layers"]] * 2
     assert main(["isotropy", str(folder), "--texts-file", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err

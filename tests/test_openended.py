@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -124,4 +125,18 @@ def test_evaluate_runs_the_task_and_resumes_without_regenerating(tmp_path, tiny_
     assert first["results"]["wikihow/n"] == 2 and first["results"]["books/n"] == 2
     again = evaluate(loaded, method, config, tmp_path / "run", progress=lambda _: None)
     assert again["timing"]["examples_this_run"] == 0
-    assert again["results"] == first["results"]
+    assert json.dumps(again["results"], sort_keys=True) == json.dumps(first["results"], sort_keys=True)  # NaN-safe
+
+
+def test_human_text_is_cut_at_the_runs_token_budget():
+    doc = {"human": " one two three", "human_token_ends": [4, 8, 14]}
+    assert openended.human_prefix(doc, 1) == " one"
+    assert openended.human_prefix(doc, 2) == " one two"
+    assert openended.human_prefix(doc, 3) == openended.human_prefix(doc, 64) == " one two three"
+    assert openended.human_prefix({"human": " whole"}, 1) == " whole"
+    record = _record("books", " c", " one two three", 1, budget=2)
+    assert record["human"] == " one two three"  # _record's doc has no offsets: kept whole
+    task = openended.OpenEndedTask()
+    doc = {"id": "y", "domain": "books", "prompt": "P", **doc}
+    out = task.process_result(doc, GenerationRequest("P", max_new_tokens=2), GenerationResponse(" a b", 2))
+    assert out["human"] == " one two"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
 from cdlm.alignment.rl.rewards import ContrastiveReward
 from cdlm.alignment.rl.rollout import render_prompts, response_mask, sample_responses
+from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,8 +25,18 @@ def letter_reward(prompts, completions, **kwargs):
 
 
 def make_trainer(tmp_path, reward=letter_reward, **overrides) -> PPOTrainer:
-    settings = dict(output_dir=str(tmp_path / "ppo"), num_iterations=2, rollout_batch_size=4, mini_batch_size=2,
-                    ppo_epochs=2, max_new_tokens=4, learning_rate=3e-3, temperature=1.0, kl_coef=0.1, seed=0)
+    settings = dict(
+        output_dir=str(tmp_path / "ppo"),
+        num_iterations=2,
+        rollout_batch_size=4,
+        mini_batch_size=2,
+        ppo_epochs=2,
+        max_new_tokens=4,
+        learning_rate=3e-3,
+        temperature=1.0,
+        kl_coef=0.1,
+        seed=0,
+    )
     settings.update(overrides)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     torch.manual_seed(0)
@@ -42,7 +52,12 @@ def test_forward_logprobs_match_unpadded_forward(tmp_path):
     trainer = make_trainer(tmp_path)
     tokenizer = trainer.tokenizer
     torch.manual_seed(0)
-    rollout = sample_responses(trainer.model, tokenizer, render_prompts(tokenizer, ["Hi", "A much longer prompt here"], True), max_new_tokens=4)
+    rollout = sample_responses(
+        trainer.model,
+        tokenizer,
+        render_prompts(tokenizer, ["Hi", "A much longer prompt here"], True),
+        max_new_tokens=4,
+    )
     with torch.no_grad():
         logprobs, entropy, values = trainer._forward(trainer.model, rollout, slice(None), with_values=True)
         for row in range(2):
@@ -113,3 +128,46 @@ def test_config_and_input_errors(tmp_path):
     trainer = make_trainer(tmp_path, reward=lambda prompts, completions, **kw: [float("nan")] * len(completions))
     with pytest.raises(ValueError, match="NaN"):
         trainer.rollout_step()
+
+
+def test_row_seeded_sampling_does_not_depend_on_the_batch():
+    """Data-parallel rollouts rest on this: a row's response is a function of its prompt and seed alone."""
+    model, tokenizer = tiny_llama(0), tiny_tokenizer()
+    prompts = render_prompts(tokenizer, PROMPTS, True)
+    seeds = [11, 12, 13, 14]
+    whole = sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, row_seeds=seeds)
+    half = sample_responses(model, tokenizer, prompts[2:], max_new_tokens=6, temperature=1.0, row_seeds=seeds[2:])
+    assert whole.texts[2:] == half.texts
+    other = sample_responses(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, row_seeds=[21, 22, 23, 24])
+    assert other.texts != whole.texts  # the seeds matter (sampling, not greedy)
+
+
+def test_row_seeded_sampling_draws_from_the_warped_distribution():
+    """Gumbel-max over temperature/top-k-warped logits: empirical frequencies match softmax(top-k(z / T))."""
+    from cdlm.alignment.rl.rollout import RowSeededSampling
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    counts = torch.zeros(5)
+    for seed in range(4000):
+        counts[RowSeededSampling([seed], temperature=0.5, top_k=3)(None, logits).argmax()] += 1
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 0.5, -1)
+    assert counts[3:].sum() == 0
+    torch.testing.assert_close(counts[:3] / counts.sum(), expected, atol=0.02, rtol=0)
+
+
+def test_ppo_config_is_training_arguments_with_help():
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    own = [f for f in fields(PPOConfig) if f.name not in {g.name for g in fields(TrainingArguments)}]
+    assert own and all(f.metadata.get("help") for f in own), [f.name for f in own if not f.metadata.get("help")]
+    (config,) = HfArgumentParser(PPOConfig).parse_args_into_dataclasses(
+        ["--num_iterations", "3", "--gradient_accumulation_steps", "2", "--kl_estimator", "k3", "--report_to", "none"]
+    )
+    assert (config.num_iterations, config.gradient_accumulation_steps, config.kl_estimator) == (3, 2, "k3")
+    assert (config.learning_rate, config.seed, config.save_steps, config.logging_steps) == (5e-5, 0, 0, 1)
+    with pytest.raises(ValueError, match="multiple of processes x"):
+        PPOConfig(mini_batch_size=4, gradient_accumulation_steps=3).check_processes(1)
+    with pytest.raises(ValueError, match="number of processes"):
+        PPOConfig(rollout_batch_size=8, mini_batch_size=4).check_processes(3)

@@ -22,12 +22,16 @@ TEXT = [
     {"prompt": "Question: How many clips?", "chosen": " She sold 24 clips.", "rejected": " The quick brown fox."},
 ]
 CHAT = [
-    {"prompt": [{"role": "user", "content": "How do I bake bread?"}],
-     "chosen": [{"role": "assistant", "content": "Mix flour and water."}],
-     "rejected": [{"role": "assistant", "content": "No."}]},
-    {"prompt": [{"role": "user", "content": "How many clips?"}],
-     "chosen": [{"role": "assistant", "content": "She sold 24 clips."}],
-     "rejected": [{"role": "assistant", "content": "The quick brown fox."}]},
+    {
+        "prompt": [{"role": "user", "content": "How do I bake bread?"}],
+        "chosen": [{"role": "assistant", "content": "Mix flour and water."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "How many clips?"}],
+        "chosen": [{"role": "assistant", "content": "She sold 24 clips."}],
+        "rejected": [{"role": "assistant", "content": "The quick brown fox."}],
+    },
 ]
 
 
@@ -71,21 +75,36 @@ def test_missing_replies_are_one_clear_error():
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_every_objective_trains_on_every_format(method, name, tokenizer, tmp_path):
     config = PreferenceConfig(
-        output_dir=str(tmp_path), method=method, max_steps=1, per_device_train_batch_size=2, max_length=64,
-        bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", disable_tqdm=True,
-        displacement_pairs=0, **({"sparsepo_mask_type": "activation"} if method == "sparsepo" else {}),
+        output_dir=str(tmp_path),
+        method=method,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=64,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        displacement_pairs=0,
+        **({"sparsepo_mask_type": "activation"} if method == "sparsepo" else {}),
     )
 
     def trainer_for(rows):
         return PreferenceTrainer(
-            testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+            testing.tiny_llama(seed=0),
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
             peft_config=LORA,
         )
 
     trainer = trainer_for(FORMATS[name])
     reference = trainer_for(EXPLICIT[name]) if name.endswith("implicit") else trainer
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
-    assert trainer.train_dataset.select_columns(columns).to_list() == reference.train_dataset.select_columns(columns).to_list()
+    assert (
+        trainer.train_dataset.select_columns(columns).to_list()
+        == reference.train_dataset.select_columns(columns).to_list()
+    )
     trainer.train()
     assert trainer.state.global_step == 1
 
@@ -95,7 +114,11 @@ def test_distillm2_pairs_accept_implicit_prompts(name, tokenizer):
     got = tokenize_pair_rows(FORMATS[name], tokenizer)
     expected = tokenize_pair_rows(EXPLICIT[name], tokenizer)
     for a, b in zip(got, expected):
-        assert (a["prompt_ids"], a["chosen_ids"], a["rejected_ids"]) == (b["prompt_ids"], b["chosen_ids"], b["rejected_ids"])
+        assert (a["prompt_ids"], a["chosen_ids"], a["rejected_ids"]) == (
+            b["prompt_ids"],
+            b["chosen_ids"],
+            b["rejected_ids"],
+        )
 
 
 def test_reward_model_trains_on_every_format(tokenizer, tmp_path):
@@ -106,8 +129,14 @@ def test_reward_model_trains_on_every_format(tokenizer, tmp_path):
     tokenizer.save_pretrained(base)
     for name, rows in FORMATS.items():
         trainer = train_reward_model(
-            base, tokenizer, Dataset.from_list(rows), tmp_path / name, max_steps=1, per_device_train_batch_size=2,
-            max_length=64, lora_r=4,
+            base,
+            tokenizer,
+            Dataset.from_list(rows),
+            tmp_path / name,
+            max_steps=1,
+            per_device_train_batch_size=2,
+            max_length=64,
+            lora_r=4,
         )
         assert trainer.state.global_step == 1, name
         assert len(trainer.train_dataset) == 2, name  # no pair silently dropped

@@ -39,6 +39,7 @@ def test_params_round_trip_through_json_and_use_the_contrast_modules_rule():
         "cdlm_beta": 0.8,
         "cdlm_amateur_temperature": 1.0,
         "cdlm_cd_formulation": "li",
+        "cdlm_eos_promotion": "forbid",
     }
     assert ContrastParams.from_extra_args(extra) == cd
     cid = ContrastParams(method="cid", contrastive_prompt_token_ids=[5, 6, 7])
@@ -423,7 +424,8 @@ def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_toke
     expert = testing.tiny_llama(seed=0)
     method = ContrastiveDecodingMethod(expert, tiny_tokenizer, amateur=EarlyExitAmateur(expert, 2), beta=0.7)
     name, params, spec = _method_spec(method, None, None)
-    assert (name, spec, params["beta"], params["cd_formulation"]) == ("cd", "early-exit:2", 0.7, "obrien-lewis")
+    assert (name, spec, params["beta"], params["cd_formulation"]) == ("cd", "early-exit:2", 0.7, "li")
+    assert params["eos_promotion"] == "forbid"  # the methods' default reaches the vLLM request
     separate = make_separate_amateur(
         expert, tiny_tokenizer, testing.tiny_llama(seed=1), testing.tiny_tokenizer(), amateur_name="tiny-1"
     )
@@ -486,3 +488,27 @@ def test_early_exit_capture_is_refused_for_architectures_without_aux_hidden_stat
         engine_overrides("Gemma3ForCausalLM", [4])
     with pytest.raises(ValueError, match=">= 1"):
         engine_overrides("LlamaForCausalLM", [0])
+
+
+def test_in_process_data_parallel_and_bad_tensor_parallel_sizes_are_refused():
+    from cdlm.decoding.vllm import load_vllm
+
+    with pytest.raises(ValueError, match="cdlm serve --data-parallel-size"):
+        load_vllm("unused", data_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        load_vllm("unused", tensor_parallel_size=0)
+
+
+def test_eos_promotion_reaches_the_vllm_rule_as_in_the_transformers_methods():
+    """vLLM rows use the same rule object as the transformers processors: forbid protects the EOS ids."""
+    from cdlm.decoding.contrast import ContrastSettings
+    from cdlm.decoding.vllm.backend import _method_spec
+
+    _, params, _ = _method_spec("cd", {"beta": 1.0, "eos_promotion": "allow"}, "early-exit:2")
+    assert params == {"beta": 1.0, "eos_promotion": "allow"}
+    forbid = ContrastParams(method="cd", amateur="early-exit:2")  # default: forbid
+    allow = ContrastParams(method="cd", amateur="early-exit:2", eos_promotion="allow")
+    assert forbid.rule((EOS,)) == ContrastSettings.for_cd().forbidding_promotion_of([EOS])
+    assert allow.rule((EOS,)) == ContrastSettings.for_cd() and allow.rule((EOS,)).special_ids == ()
+    with pytest.raises(ValueError, match="eos_promotion must be one of"):
+        ContrastParams(method="cd", amateur="early-exit:2", eos_promotion="never")

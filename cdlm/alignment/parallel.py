@@ -15,7 +15,9 @@ weights itself (SparsePO's and DistiLLM-2's chunked heads) would compute garbage
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from accelerate import Accelerator
@@ -40,13 +42,22 @@ def _has_accelerator() -> bool:
     return False
 
 
+def requested_sharding() -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed"`` when ``accelerate launch`` was given such a config (its environment variables)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DeepSpeed"
+    return None
+
+
 def is_cpu_launch() -> bool:
-    """True for a multi-process launch on a machine without an accelerator (GPU, XPU, NPU...)."""
-    return launched_processes() > 1 and not _has_accelerator()
+    """True for a plain multi-process launch (no FSDP/DeepSpeed config) on a machine without an accelerator."""
+    return launched_processes() > 1 and not _has_accelerator() and requested_sharding() is None
 
 
 def use_cpu_for_cpu_launch(config: Any) -> None:
-    """Set ``config.use_cpu`` for a multi-process launch on a machine without an accelerator (see the module docstring).
+    """Set ``config.use_cpu`` for a plain multi-process launch on a machine without GPUs (see the module docstring).
 
     Call it in a ``TrainingArguments`` subclass's ``__post_init__`` before ``super().__post_init__()``.
     """
@@ -56,6 +67,18 @@ def use_cpu_for_cpu_launch(config: Any) -> None:
 
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse a run whose launcher started more processes than accelerate trains with (independent copies)."""
+    requested = requested_sharding()
+    actual = accelerator.distributed_type
+    if (
+        requested == "FSDP"
+        and actual != DistributedType.FSDP
+        or requested == "DeepSpeed"
+        and actual != DistributedType.DEEPSPEED
+    ):
+        raise ValueError(
+            f"the accelerate config asks for {requested} but accelerate runs {actual.value}: {requested} needs GPUs "
+            "(on CPUs use a plain multi-process launch: torchrun --nproc_per_node N)"
+        )
     launched = launched_processes()
     if launched > 1 and accelerator.num_processes != launched:
         raise ValueError(
@@ -84,3 +107,19 @@ def refuse_sharded_weights(accelerator: Accelerator, what: str) -> None:
             f"weights, and {scheme} shards them: use DDP (torchrun) or DeepSpeed ZeRO-2 "
             "(configs/accelerate/deepspeed_zero2.yaml)"
         )
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under a multi-process launch, the main process runs the block first and the others after it.
+
+    For steps that write a shared file (baseline caches, pair files): the main process writes it and every
+    other process then finds it complete and only reads it. One process: runs the block.
+    """
+    if launched_processes() > 1:
+        from accelerate import PartialState
+
+        with PartialState(cpu=is_cpu_launch()).main_process_first():
+            yield
+    else:
+        yield

@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cdlm.decoding.methods import _METHODS, DecodingMethod, Param, get_method
-from cdlm.models.registry import DEFAULT_MODEL
+from cdlm.models.registry import DEFAULT_MODEL, default_amateur
 
 if TYPE_CHECKING:  # loading imports torch: only inside the functions that load
     from cdlm.models.loading import LoadedModel
@@ -86,7 +86,7 @@ def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amate
     params = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
     amateur = None
     if method_class.needs_amateur:
-        spec = args.amateur or "early-exit:" + str(max(1, _num_layers(expert) // 4))
+        spec = args.amateur or default_amateur(args.model, _num_layers(expert))
         if spec not in amateur_cache:
             from cdlm.models.loading import load_amateur
 
@@ -126,13 +126,27 @@ def generator_from_args(args: argparse.Namespace, **engine_options):
 
         return generate
     from cdlm.decoding.vllm import load_vllm, runner_compatible
+    from cdlm.models.amateur import parse_early_exit
 
+    # An early-exit amateur is read off vLLM's own forward (one norm + head) when the engine captures its layer.
+    layer = parse_early_exit(args.amateur) if getattr(args, "amateur", None) else None
+    if layer is not None:
+        engine_options.setdefault("early_exit_layers", [layer])
     engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size, **engine_options)
     return runner_compatible(engine)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a plain run): the one process that reports and writes."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr, from the main process only (N ranks would print it N times)."""
+    if is_main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def read_text_lines(path: str, flag: str, what: str = "lines") -> list[str]:

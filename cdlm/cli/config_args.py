@@ -84,6 +84,12 @@ def plain_help(text: str) -> str:
     return " ".join(text.split()).replace("%", "%%")
 
 
+def plain_description(text: str) -> str:
+    """A docstring as a command's --help description: markup removed, line breaks kept."""
+    lines = [plain_help(line).replace("%%", "%") if line.strip() else "" for line in text.strip().splitlines()]
+    return "\n".join(line[:-1] if line.endswith("::") else line for line in lines).replace("%", "%%")
+
+
 def _kind(annotation: Any) -> tuple[str, tuple[str, ...] | None, bool, bool] | None:
     """(kind, choices, multiple, optional) for a type annotation, or None when it has no flag form."""
     optional = False

@@ -27,12 +27,29 @@ def register(subparsers) -> None:
         "continues), run.json (model/data/settings signature), ches_summary.json (quantiles, histogram), "
         "ches_histogram.png, and with --drop-top OUTPUT_DIR/filtered.jsonl.",
     )
-    ches.add_argument("--dataset", default=None, help="preference .jsonl[.gz]/.json/.csv/.parquet file or hub id (default: the shipped HH-RLHF harmless set)")
-    ches.add_argument("--split", default="train", help="split / `split` column value to score (default: train; 'all' = every row)")
+    ches.add_argument(
+        "--dataset",
+        default=None,
+        help="preference .jsonl[.gz]/.json/.csv/.parquet file or hub id (default: the shipped HH-RLHF harmless set)",
+    )
+    ches.add_argument(
+        "--split", default="train", help="split / `split` column value to score (default: train; 'all' = every row)"
+    )
     ches.add_argument("--output-dir", required=True, help="where scores, histogram and the filtered dataset go")
-    ches.add_argument("--max-length", type=int, default=None, help="cut prompt + reply to this many tokens, as training would (default: no cut)")
+    ches.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="cut prompt + reply to this many tokens, as training would (default: no cut)",
+    )
     ches.add_argument("--batch-size", type=int, default=8, help="pairs per forward batch (default: 8)")
-    ches.add_argument("--drop-top", type=float, default=None, metavar="FRACTION", help="write OUTPUT_DIR/filtered.jsonl without this fraction of highest-scoring pairs")
+    ches.add_argument(
+        "--drop-top",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="write OUTPUT_DIR/filtered.jsonl without this fraction of highest-scoring pairs",
+    )
     ches.add_argument("--score", choices=SCORES, default="ches", help="score ranked by --drop-top (default: ches)")
     ches.add_argument("--bins", type=int, default=30, help="histogram bins (default: 30)")
     ches.add_argument("--overwrite", action="store_true", help="discard scores already in --output-dir")
@@ -113,24 +130,50 @@ def run_ches(args: argparse.Namespace) -> int:
             progress(f"scored {done}/{total} pairs")
 
     records = score_pairs(
-        loaded.model, loaded.tokenizer, dataset, settings=settings, batch_size=args.batch_size, output_dir=output,
-        overwrite=args.overwrite, progress=report,
+        loaded.model,
+        loaded.tokenizer,
+        dataset,
+        settings=settings,
+        batch_size=args.batch_size,
+        output_dir=output,
+        overwrite=args.overwrite,
+        progress=report,
     )
     summary = summarize(records, args.bins)
-    summary.update(model=args.model, dataset=args.dataset or "shipped HH-RLHF harmless", split=args.split, max_length=args.max_length)
+    summary.update(
+        model=args.model,
+        dataset=args.dataset or "shipped HH-RLHF harmless",
+        split=args.split,
+        max_length=args.max_length,
+    )
     if args.drop_top is not None:
         dropped = set(top_fraction(records, args.drop_top, score=args.score))
         kept = [row for index, row in enumerate(dataset) if index not in dropped]
-        atomic_write_text(output / "filtered.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept))
-        summary["filtered"] = {"file": "filtered.jsonl", "score": args.score, "drop_top": args.drop_top,
-                               "dropped": len(dropped), "kept": len(kept), "dropped_indices": sorted(dropped)}
-        progress(f"wrote {output / 'filtered.jsonl'}: {len(kept)} pairs kept, {len(dropped)} highest-{args.score} dropped")
+        atomic_write_text(
+            output / "filtered.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept)
+        )
+        summary["filtered"] = {
+            "file": "filtered.jsonl",
+            "score": args.score,
+            "drop_top": args.drop_top,
+            "dropped": len(dropped),
+            "kept": len(kept),
+            "dropped_indices": sorted(dropped),
+        }
+        progress(
+            f"wrote {output / 'filtered.jsonl'}: {len(kept)} pairs kept, {len(dropped)} highest-{args.score} dropped"
+        )
     atomic_write_json(output / "ches_summary.json", summary)
     plotted = _plot(summary, output / "ches_histogram.png")
     for name in SCORES:
         if name in summary:
             q = summary[name]["quantiles"]
-            print(f"{name}: median {q['median']:.4g}, p90 {q['p90']:.4g}, max {q['max']:.4g} over {summary['pairs']} pairs")
-    print(f"scores: {output / 'samples.jsonl'}; summary: {output / 'ches_summary.json'}"
-          + (f"; histogram: {output / 'ches_histogram.png'}" if plotted else ""))
+            print(
+                f"{name}: median {q['median']:.4g}, p90 {q['p90']:.4g}, max {q['max']:.4g} "
+                f"over {summary['pairs']} pairs"
+            )
+    print(
+        f"scores: {output / 'samples.jsonl'}; summary: {output / 'ches_summary.json'}"
+        + (f"; histogram: {output / 'ches_histogram.png'}" if plotted else "")
+    )
     return 0

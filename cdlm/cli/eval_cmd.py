@@ -93,17 +93,22 @@ def register(subparsers) -> None:
     compare.set_defaults(func=run_compare)
 
 
-def _check_task_and_methods(task: str, methods: list[str], backend: str) -> None:
+def _check_task_and_methods(args: argparse.Namespace, methods: list[str]) -> None:
+    """Task, backend, method names and every method's hyperparameters, checked before any model loads."""
+    from cdlm.decoding.methods import get_method
     from cdlm.eval_harness.evaluate import check_backend
 
-    if task not in task_names():
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(task_names())}")
-    check_backend(task, backend)
+    if args.task not in task_names():
+        raise ValueError(f"unknown task {args.task!r}; choose one of {', '.join(task_names())}")
+    check_backend(args.task, args.backend)
+    if not methods:
+        raise ValueError("no methods given")
     for name in methods:
         if name not in _METHODS:
             raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(_METHODS)}")
-    if not methods:
-        raise ValueError("no methods given")
+        method_class = get_method(name)
+        given = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
+        method_class.resolve_hyperparameters(given)
 
 
 def _config(args: argparse.Namespace):
@@ -176,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from cdlm.eval_harness import evaluate
     from cdlm.eval_harness.report import text_table
 
-    _check_task_and_methods(args.task, [args.method], args.backend)
+    _check_task_and_methods(args, [args.method])
     config, prepared, engine_options, shard, loaded = _prepare(args)
     method = build_method(args.method, args, loaded, {})
     output = Path(args.output_dir or f"runs/eval/{args.task}-{args.method}")
@@ -209,7 +214,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from cdlm.eval_harness.report import markdown_table, plot, text_table
 
     methods = list(dict.fromkeys(args.method or ["greedy"]))
-    _check_task_and_methods(args.task, methods, args.backend)
+    _check_task_and_methods(args, methods)
     config, prepared, engine_options, shard, loaded = _prepare(args)
     generate_fn = generator_from_args(args, **engine_options)
     output = Path(args.output_dir or f"runs/compare/{args.task}")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cdlm.cli.common import add_model_arguments, load_from_args, progress
+from cdlm.cli.common import add_model_arguments, load_from_args, progress, read_text_lines
 
 
 def register(subparsers) -> None:
@@ -21,10 +21,12 @@ def register(subparsers) -> None:
         "low values (isotropic) are what contrastive search's degeneration penalty assumes. Texts: shipped "
         "human-written HellaSwag contexts with their gold endings, or --texts-file.",
     )
-    parser.add_argument("model_ref", nargs="?", default=None, metavar="MODEL", help="model (same as --model)")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="one or more models (default: --model)")
     add_model_arguments(parser)
     parser.add_argument("--num-texts", type=int, default=None, help="number of texts (default: 200 shipped texts)")
-    parser.add_argument("--texts-file", default=None, help="UTF-8 file, one text per line, instead of the shipped texts")
+    parser.add_argument(
+        "--texts-file", default=None, help="UTF-8 file, one text per line, instead of the shipped texts"
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="tokens per text, at most (default 128)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default=None, help="write the JSON report here (and a .md table next to it)")
@@ -32,46 +34,47 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _read_texts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"--texts-file {path} does not exist or is not a file")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--texts-file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    texts = [line for line in lines if line.strip()]
-    if not texts:
-        raise ValueError(f"--texts-file {path} has no texts (it is empty or holds only blank lines)")
-    return texts
-
-
 def run(args: argparse.Namespace) -> int:
     from cdlm.models import isotropy
 
-    if args.model_ref is not None:
-        args.model = args.model_ref
+    models = args.models or [args.model]
     num_texts = isotropy.DEFAULT_TEXTS if args.num_texts is None else args.num_texts
     max_tokens = isotropy.DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens
     if num_texts < 1:
         raise ValueError(f"--num-texts must be >= 1, got {num_texts}")
     if args.texts_file:
-        texts, source = _read_texts(args.texts_file)[:num_texts], str(Path(args.texts_file).resolve())
+        texts, source = (
+            read_text_lines(args.texts_file, "--texts-file", "texts")[:num_texts],
+            str(Path(args.texts_file).resolve()),
+        )
     else:
         texts, source = isotropy.default_texts(num_texts), isotropy.TEXT_SOURCE
-    loaded = load_from_args(args)
-    progress(f"isotropy: {len(texts)} texts, <= {max_tokens} tokens each")
-    report = isotropy.layer_self_similarity(
-        loaded.model, loaded.tokenizer, texts, max_tokens=max_tokens, batch_size=args.batch_size,
-        model_name=args.model, text_source=source,
-    )
-    payload = json.dumps(report.to_dict(), indent=1)
+    reports = []
+    for model in models:
+        args.model = model
+        loaded = load_from_args(args)
+        progress(f"isotropy of {model}: {len(texts)} texts, <= {max_tokens} tokens each")
+        report = isotropy.layer_self_similarity(
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            max_tokens=max_tokens,
+            batch_size=args.batch_size,
+            model_name=model,
+            text_source=source,
+        )
+        reports.append(report)
+        del loaded
+        if not args.json:
+            print(report.table() + "\n")
+        progress(f"{model}: {isotropy.summary_line(report)}")
+    payload = json.dumps(isotropy.reports_payload(reports), indent=1)
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(payload + "\n")
-        output.with_suffix(".md").write_text(report.table() + "\n")
+        output.with_suffix(".md").write_text(isotropy.reports_markdown(reports) + "\n")
         progress(f"wrote {output} and {output.with_suffix('.md')}")
-    print(payload if args.json else report.table())
-    progress(isotropy.summary_line(report))
+    if args.json:
+        print(payload)
     return 0

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cdlm.cli.common import add_model_arguments, load_from_args, progress
+from cdlm.cli.common import add_model_arguments, is_main_process, load_from_args, progress
 from cdlm.cli.training import TrainingCommand
 
 
@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
                          peft_config=settings.lora.peft_config(), callbacks=[report])
     history = trainer.train(resume_from_checkpoint=resume)
     final = trainer.latest_checkpoint()
-    print(json.dumps({"iterations": len(history), "final_reward": history[-1]["reward_raw"] if history else None,
-                      "checkpoint": str(final)}))
+    if is_main_process():
+        print(json.dumps({"iterations": len(history), "final_reward": history[-1]["reward_raw"] if history else None,
+                          "checkpoint": str(final)}))
     return 0

@@ -24,6 +24,8 @@ import os
 import shlex
 import sys
 
+from cdlm.cli.config_args import plain_description
+
 PROCESSOR = "cdlm.decoding.vllm.processors:ContrastiveLogitsProcessor"
 
 
@@ -31,7 +33,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="vLLM's OpenAI-compatible server with contrastive decoding (needs the vLLM venv)",
-        description=__doc__.split("\n\n")[1],
+        description=plain_description(__doc__.split("\n\n")[1]),
     )
     parser.add_argument(
         "model",

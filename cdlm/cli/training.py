@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdlm.cli.common import is_main_process
 from cdlm.cli.config_args import (
     COMMON_TRAINING_FIELDS,
     FieldSpec,
@@ -91,7 +92,7 @@ class ResolvedSettings:
                 )
         else:
             checkpoint = None
-        if _is_main_process():
+        if is_main_process():
             output.mkdir(parents=True, exist_ok=True)
             temporary = run_file.with_suffix(".tmp")
             temporary.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
@@ -192,7 +193,3 @@ def _check_integrations(config: dict[str, Any]) -> None:
             "push_to_hub needs the Hugging Face Hub, but this run is offline (HF_HUB_OFFLINE is set); "
             "drop --push-to-hub or run with HF_HUB_OFFLINE=0 and a token"
         )
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -12,26 +12,27 @@ Importing this module does not import torch; the tensor functions import it when
 command line can read defaults and help texts cheaply. Tensors are ``(rows, vocab)``; every
 function allocates O(rows x vocab) memory and never modifies its inputs.
 
->>> settings = ContrastSettings.for_cd(beta=0.5)
->>> settings
-ContrastSettings(formulation='obrien-lewis', alpha=0.1, weight=0.5, other_temperature=1.0)
->>> ContrastSettings.for_cd(formulation="li", beta=3.0).weight  # Li et al.'s rule has no beta
-1.0
->>> ContrastSettings.for_cid(cid_lambda=0.25)
-ContrastSettings(formulation='li', alpha=0.1, weight=0.25, other_temperature=1.0)
+>>> ContrastSettings.for_cd()  # Li et al.'s form: lp_e - lp_a on the plausible set
+ContrastSettings(formulation='li', alpha=0.1, weight=1.0, other_temperature=1.0, special_ids=())
+>>> ContrastSettings.for_cd(formulation="obrien-lewis", beta=0.5).weight  # (1 + beta) lp_e - beta lp_a
+0.5
+>>> ContrastSettings.for_cid(cid_lambda=0.25).formulation, ContrastSettings.for_cid(cid_lambda=0.25).weight
+('li', 0.25)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
 
 FORMULATIONS = ("obrien-lewis", "li")
-DEFAULT_FORMULATION = "obrien-lewis"
+# Li et al.'s form won the held-out open-ended comparison on SmolLM2 (diversity 0.81 vs 0.65 for
+# O'Brien-Lewis beta 0.5, whose text was as repetitive as greedy's; benchmarks/results/openended_*).
+DEFAULT_FORMULATION = "li"
 DEFAULT_ALPHA = 0.1
 DEFAULT_BETA = 0.5
 DEFAULT_CID_LAMBDA = 0.5
@@ -49,6 +50,18 @@ HELP = {
     "cd_formulation": "obrien-lewis ((1+beta) s_e - beta s_a) or li (lp_e - lp_a)",
     "cid_lambda": "contrast strength lambda >= 0 (0 = greedy on the prompt)",
 }
+# EOS promotion. An early-exit amateur gives EOS almost no mass (SmolLM2 early-exit:8: p(EOS) ~ 2e-18), so
+# wherever EOS is plausible for the expert its contrast is huge and CD ends answers before they start
+# (first token on half of zero-shot GSM8K prompts; helper `open`'s study). "forbid": EOS ids keep a score
+# only in rows where the expert itself ranks them first, so the contrast can demote EOS but never
+# promote it past a token the expert prefers (EOS-first 50% -> 5%, greedy's own rate). "allow" is the
+# papers' rule; "forbid" is the default.
+EOS_PROMOTION_CHOICES = ("allow", "forbid")
+DEFAULT_EOS_PROMOTION = "forbid"
+EOS_PROMOTION_HELP = (
+    "allow (the papers' rule) or forbid: EOS keeps a score only where the expert ranks it first, so the "
+    "contrast never promotes it past a token the expert prefers"
+)
 DEFAULTS: dict[str, Any] = {
     "alpha": DEFAULT_ALPHA,
     "beta": DEFAULT_BETA,
@@ -94,6 +107,12 @@ def check_temperature(name: str, value: Any) -> float:
     return value
 
 
+def check_eos_promotion(value: Any) -> str:
+    if value not in EOS_PROMOTION_CHOICES:
+        raise ValueError(f"eos_promotion must be one of {EOS_PROMOTION_CHOICES}, got {value!r}")
+    return value
+
+
 def check_formulation(formulation: Any) -> str:
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown contrastive decoding formulation {formulation!r}; choose one of {FORMULATIONS}")
@@ -110,6 +129,8 @@ class ContrastSettings:
         alpha: plausibility threshold in (0, 1] on the expert's distribution.
         weight: beta (O'Brien-Lewis CD), 1 (Li CD) or lambda (CID); >= 0.
         other_temperature: tau > 0; the other side's log-probs are ``log_softmax(logits / tau)``.
+        special_ids: token ids (EOS) the contrast may not promote: they keep a finite score only in rows
+            where the expert ranks them first (see ``DEFAULT_EOS_PROMOTION``). Empty: the papers' rule.
 
     Build it with :meth:`for_cd` / :meth:`for_cid` (which apply each method's weight rule) or
     :meth:`from_hyperparameters` (registry and vLLM names). Invalid values raise ``ValueError``.
@@ -119,12 +140,21 @@ class ContrastSettings:
     alpha: float = DEFAULT_ALPHA
     weight: float = DEFAULT_BETA
     other_temperature: float = DEFAULT_AMATEUR_TEMPERATURE
+    special_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formulation", check_formulation(self.formulation))
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "weight", check_weight("weight", self.weight))
         object.__setattr__(self, "other_temperature", check_temperature("temperature", self.other_temperature))
+        ids = tuple(self.special_ids)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"special_ids must be non-negative token ids, got {ids!r}")
+        object.__setattr__(self, "special_ids", tuple(sorted(set(ids))))
+
+    def forbidding_promotion_of(self, special_ids: Sequence[int]) -> "ContrastSettings":
+        """The same rule, where ``special_ids`` keep a score only in rows whose expert argmax they are."""
+        return replace(self, special_ids=tuple(special_ids))
 
     @classmethod
     def for_cd(
@@ -179,6 +209,7 @@ class ContrastSettings:
             weight=self.weight,
             formulation=self.formulation,
             other_temperature=self.other_temperature,
+            special_ids=self.special_ids,
         )
 
 
@@ -204,6 +235,7 @@ def contrast(
     weight: float,
     formulation: str,
     other_temperature: float = 1.0,
+    special_ids: Sequence[int] = (),
 ) -> "torch.Tensor":
     """Contrastive scores, shaped like ``expert_scores``; -inf outside the plausible set.
 
@@ -217,6 +249,7 @@ def contrast(
         formulation: ``"li"``: ``log p_exp - weight * log p_other`` (Li et al. 2022 use weight 1);
             ``"obrien-lewis"``: ``(1 + weight) * log p_exp - weight * log p_other``.
         other_temperature: tau; ``p_other`` is ``softmax(other_logits / tau)``.
+        special_ids: ids (EOS) kept in the plausible set only in rows where they are the expert's argmax.
 
     Both distributions are log-softmax normalised before contrasting. O'Brien & Lewis write their
     rule on raw logits; per row that differs from ours only by a constant, so greedy choices and
@@ -247,6 +280,12 @@ def contrast(
     else:
         scores = (1.0 + weight) * expert_lp - weight * other_lp
     keep = plausible_mask(expert_lp, alpha)
+    special = [i for i in special_ids if i < vocab]
+    if special:  # the contrast may demote these ids but never promote them past the expert's first choice
+        is_special = torch.zeros(vocab, dtype=torch.bool, device=keep.device)
+        is_special[special] = True
+        is_first = torch.zeros_like(keep).scatter_(1, expert_lp.argmax(-1, keepdim=True), True)
+        keep = keep & (~is_special | is_first)
     out = torch.full_like(expert_scores, -math.inf, dtype=torch.float32)
     out[:, :vocab] = scores.masked_fill(~keep, -math.inf)
     return out.to(expert_scores.dtype)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
@@ -82,10 +82,12 @@ class _ContrastiveScoring:
 
     supports_continuous_batching: bool | None = False
 
-    def _init_scoring(self, alpha: float, beta: float, formulation: str, amateur_temperature: float) -> None:
+    def _init_scoring(
+        self, alpha: float, beta: float, formulation: str, amateur_temperature: float, special_ids: Sequence[int]
+    ) -> None:
         self.settings = ContrastSettings.for_cd(
             alpha=alpha, beta=beta, formulation=formulation, amateur_temperature=amateur_temperature
-        )
+        ).forbidding_promotion_of(special_ids)
         self.alpha = self.settings.alpha
         self.beta = float(beta)
         self.formulation = self.settings.formulation
@@ -111,6 +113,8 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         beta: contrast strength for the O'Brien-Lewis form (>= 0; unused by the Li form).
         formulation: ``"obrien-lewis"`` (default) or ``"li"``.
         amateur_temperature: tau > 0 applied to the amateur's logits.
+        special_ids: ids (EOS) the contrast may not promote past the expert's first choice
+            (``ContrastSettings.special_ids``); empty (default): the papers' rule.
         attention_mask: the prompt's attention mask, as passed to ``generate()``. Recommended with
             padded batches; without it, leading ``pad_token_id`` tokens are treated as left padding.
             The mask belongs to that batch: reusing the processor on other prompts raises an error.
@@ -132,12 +136,13 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         beta: float = DEFAULT_BETA,
         formulation: str = DEFAULT_FORMULATION,
         amateur_temperature: float = DEFAULT_AMATEUR_TEMPERATURE,
+        special_ids: Sequence[int] = (),
         attention_mask: torch.Tensor | None = None,
         pad_token_id: int | None = None,
         vocab_size: int | None = None,
         expert: PreTrainedModel | None = None,
     ):
-        self._init_scoring(alpha, beta, formulation, amateur_temperature)
+        self._init_scoring(alpha, beta, formulation, amateur_temperature, special_ids)
         if isinstance(amateur, EarlyExitAmateur):
             raise TypeError(
                 "an EarlyExitAmateur needs no second model: use EarlyExitContrastiveLogitsProcessor "
@@ -204,8 +209,9 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         beta: float = DEFAULT_BETA,
         formulation: str = DEFAULT_FORMULATION,
         amateur_temperature: float = DEFAULT_AMATEUR_TEMPERATURE,
+        special_ids: Sequence[int] = (),
     ):
-        self._init_scoring(alpha, beta, formulation, amateur_temperature)
+        self._init_scoring(alpha, beta, formulation, amateur_temperature, special_ids)
         if not isinstance(amateur, EarlyExitAmateur):
             raise TypeError(f"expected an EarlyExitAmateur, got {type(amateur).__name__}")
         self.amateur = amateur

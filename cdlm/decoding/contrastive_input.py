@@ -29,6 +29,8 @@ Example (a tiny in-code model from ``cdlm.testing``):
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from transformers import LogitsProcessor, PreTrainedModel
 
@@ -47,6 +49,7 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
         cid_lambda: contrast strength lambda >= 0 (0: regular decoding on ``x``).
         alpha: plausibility threshold in (0, 1] on ``p(. | x)``.
         pad_token_id: defaults to ``model.generation_config.pad_token_id``.
+        special_ids: ids (EOS) the contrast may not promote past the expert's first choice; empty: the paper's rule.
 
     The batch size must equal the ``input_ids`` batch given to ``generate()``. Under beam search
     (or ``num_return_sequences``) each contrastive row is repeated like its input row. The processor
@@ -64,8 +67,11 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
         cid_lambda: float = DEFAULT_CID_LAMBDA,
         alpha: float = DEFAULT_ALPHA,
         pad_token_id: int | None = None,
+        special_ids: Sequence[int] = (),
     ):
-        self.settings = ContrastSettings.for_cid(alpha=alpha, cid_lambda=cid_lambda)
+        self.settings = ContrastSettings.for_cid(alpha=alpha, cid_lambda=cid_lambda).forbidding_promotion_of(
+            special_ids
+        )
         self.cid_lambda, self.alpha = self.settings.weight, self.settings.alpha
         if contrastive_input_ids is None or contrastive_input_ids.numel() == 0:
             raise ValueError("contrastive input decoding needs non-empty contrastive_input_ids")

@@ -42,12 +42,10 @@ import logging
 import sys
 import types
 import weakref
-from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
-    BatchEncoding,
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
@@ -58,12 +56,20 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from cdlm.decoding.methods import DecodingMethod, Param
+from cdlm.decoding.methods import (  # re-exported: the registry class and its validation live with the registry
+    DEFAULT_PENALTY_ALPHA,
+    DEFAULT_TOP_K,
+    ContrastiveSearchMethod,
+    validate_contrastive_search_params,
+)
 from cdlm.models.amateur import head_logits
 
-DEFAULT_PENALTY_ALPHA = 0.6
-DEFAULT_TOP_K = 4
 CANDIDATE_LAYOUTS = ("auto", "shared_context", "row_per_candidate")
+# ``auto`` keeps one cache row per candidate below this many cache entries (batch x context length) at the
+# first step. Measured on SmolLM2-135M, 2-core CPU, k=4 (benchmarks/results/contrastive_search.md): batch 1 with
+# 6-token prompts ran 1.12x faster per candidate row; batch 8 with 6-17-token prompts (136 entries) ran
+# 1.37x faster with the shared context (median of 2 rounds on a heavily loaded machine).
+SHARED_CONTEXT_MIN_CACHE_TOKENS = 64
 # Cache layers whose newest position is the last one along dim -2 of ``keys``/``values``.
 _LAST_POSITION_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
@@ -79,21 +85,6 @@ __all__ = [
     "contrastive_search_generate",
     "validate_contrastive_search_params",
 ]
-
-
-def validate_contrastive_search_params(penalty_alpha: Any, top_k: Any) -> tuple[float, int]:
-    """Check and normalise the two hyperparameters; ``ValueError`` names the bad one."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise ValueError(f"top_k must be an integer >= 1 for contrastive search, got {top_k!r}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1 for contrastive search, got {top_k}")
-    try:
-        alpha = float(penalty_alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"penalty_alpha must be a number in [0, 1], got {penalty_alpha!r}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"penalty_alpha must be in [0, 1], got {penalty_alpha}")
-    return alpha, top_k
 
 
 class _Forward:
@@ -357,13 +348,16 @@ def _candidate_path(
 ):
     """The path that runs the candidates (see ``candidate_layout`` in :func:`contrastive_search`).
 
-    ``auto`` takes the shared-context path when the model and cache allow it and the first row's candidates
+    ``auto`` takes the shared-context path when the cache holds at least ``SHARED_CONTEXT_MIN_CACHE_TOKENS``
+    entries (batch x context; below that the mask and compaction cost more than the ``k``-fold cache reads
+    they save), the model and cache allow it, and the first row's candidates
     come out the same both ways on the first step (a check of one row, ``2k`` extra query tokens, done once
     per model and attention implementation); otherwise it logs why and runs one cache row per candidate.
     """
     batch_size = top_ids.shape[0]
     layout = _shared_context_layout(forward.model, cache)
-    if layout_name == "row_per_candidate" or (layout is None and layout_name == "auto"):
+    too_small = batch_size * length < SHARED_CONTEXT_MIN_CACHE_TOKENS
+    if layout_name == "row_per_candidate" or (layout_name == "auto" and (layout is None or too_small)):
         return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
     if layout is None:
         raise ValueError(
@@ -648,32 +642,6 @@ def contrastive_search_generate(
         max_new_tokens=max_new_tokens,
         **generate_kwargs,
     )
-
-
-class ContrastiveSearchMethod(DecodingMethod):
-    """``cs`` in the method registry: ``cdlm generate --method cs --penalty-alpha 0.6 --top-k 4``."""
-
-    name = "cs"
-    description = "contrastive search: top-k candidates re-ranked by a degeneration penalty (Su et al. 2022)"
-    params = (
-        Param("penalty_alpha", float, DEFAULT_PENALTY_ALPHA, "contrastive search degeneration penalty, in [0, 1]"),
-        Param("top_k", int, DEFAULT_TOP_K, "contrastive search: number of candidate tokens (>= 1)"),
-    )
-
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        hp["penalty_alpha"], hp["top_k"] = validate_contrastive_search_params(hp["penalty_alpha"], hp["top_k"])
-
-    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
-        hp = self.hyperparameters
-        return {
-            "custom_generate": contrastive_search,
-            "penalty_alpha": hp["penalty_alpha"],
-            "top_k": hp["top_k"],
-            "do_sample": False,
-            "num_beams": 1,
-        }
 
 
 class _CallableModule(types.ModuleType):

@@ -50,13 +50,12 @@ import inspect
 import math
 import sys
 import types
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    BatchEncoding,
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
@@ -66,15 +65,17 @@ from transformers import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from cdlm.decoding.methods import DecodingMethod, Param
+from cdlm.decoding.methods import (  # the settings live with the registry, which must not import torch
+    DEFAULT_DOLA_LAYERS,
+    DEFAULT_RELATIVE_TOP,
+    DEFAULT_REPETITION_PENALTY,
+    DOLA_FORMS,
+    DolaMethod,
+    candidate_layers,
+    parse_dola_layers,
+    validate_dola_params,
+)
 from cdlm.models.lm_head import head_logits, text_config
-
-DEFAULT_DOLA_LAYERS = "high"
-DEFAULT_RELATIVE_TOP = 0.1  # the paper's alpha; fixed at 0.1 in 4.55.4
-# The paper and 4.55.4's documentation recommend a repetition penalty of 1.2 with DoLa; the plain function
-# and the registry method use it, the ``custom_generate`` callable takes generate()'s own (default 1.0).
-DEFAULT_REPETITION_PENALTY = 1.2
-DOLA_FORMS = ("transformers", "paper")
 
 __all__ = [
     "DOLA_FORMS",
@@ -87,71 +88,11 @@ __all__ = [
 ]
 
 
-def _parse_layers(dola_layers: Any) -> str | tuple[int, ...]:
-    """``"low"``, ``"high"``, or a tuple of ints from a list/tuple or a comma-separated string (the CLI form)."""
-    if isinstance(dola_layers, str):
-        text = dola_layers.strip()
-        if text in ("low", "high"):
-            return text
-        try:
-            dola_layers = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(
-                f"dola_layers must be 'low', 'high' or layer indices like '4,10,16', got {dola_layers!r}"
-            ) from None
-    if isinstance(dola_layers, (list, tuple)) and dola_layers:
-        if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in dola_layers):
-            raise ValueError(f"dola_layers must be a list of integer layer indices, got {dola_layers!r}")
-        return tuple(dict.fromkeys(dola_layers))  # order kept: ties go to the first listed layer
-    raise ValueError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {dola_layers!r}")
-
-
-def candidate_layers(dola_layers: Any, num_layers: int, tied_embeddings: bool) -> tuple[int, ...]:
-    """The premature layers DoLa chooses from, as indices into ``output_hidden_states`` (0 = embeddings).
-
-    ``"low"``/``"high"`` follow 4.55.4: every second layer of the lower/upper half (of the first/last
-    20 layers beyond 40 layers); with tied embeddings the lower half starts at layer 2, because
-    layer 0 read through the tied head is nearly the identity map.
-    """
-    parsed = _parse_layers(dola_layers)
-    if isinstance(parsed, tuple):
-        bad = [layer for layer in parsed if not 0 <= layer < num_layers]
-        if bad:
-            raise ValueError(
-                f"dola_layers {list(bad)} out of range: premature layers are 0 (embeddings) .. {num_layers - 1} "
-                f"for a model with {num_layers} layers (layer {num_layers} is the final layer itself)"
-            )
-        return parsed
-    if not tied_embeddings:
-        start = 0
-    else:
-        start = 2 if num_layers > 2 else (1 if num_layers == 2 else 0)
-    half = num_layers // 2
-    if parsed == "low":
-        if start == half:
-            return (start,)
-        return tuple(range(start, half, 2) if num_layers <= 40 else range(start, 20, 2))
-    return tuple(range(half, num_layers, 2) if num_layers <= 40 else range(num_layers - 20, num_layers, 2))
-
-
 def _depth_and_tying(model: PreTrainedModel) -> tuple[int, bool]:
     """(number of decoder layers, tied input/output embeddings) as 4.55.4 reads them from the config."""
     config = text_config(model)
     tied = getattr(model.config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
     return int(config.num_hidden_layers), bool(tied)
-
-
-def validate_dola_params(relative_top: Any, dola_form: Any) -> tuple[float, str]:
-    """Check and normalise the scalar hyperparameters; ``ValueError`` names the bad one."""
-    try:
-        top = float(relative_top)
-    except (TypeError, ValueError):
-        raise ValueError(f"relative_top must be a number in (0, 1], got {relative_top!r}") from None
-    if not 0.0 < top <= 1.0:
-        raise ValueError(f"relative_top must be in (0, 1], got {relative_top}")
-    if dola_form not in DOLA_FORMS:
-        raise ValueError(f"dola_form must be one of {', '.join(DOLA_FORMS)}, got {dola_form!r}")
-    return top, dola_form
 
 
 def _layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor, form: str) -> torch.Tensor:
@@ -281,8 +222,14 @@ def dola(
     attention_mask = model_kwargs.pop("attention_mask", None)
     cache = model_kwargs.pop("past_key_values", None)
     for name in (
-        "position_ids", "use_cache", "logits_to_keep", "cache_position", "inputs_embeds",
-        "output_hidden_states", "output_attentions", "return_dict",
+        "position_ids",
+        "use_cache",
+        "logits_to_keep",
+        "cache_position",
+        "inputs_embeds",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
     ):
         model_kwargs.pop(name, None)
     extra = {name: value for name, value in model_kwargs.items() if value is not None}
@@ -292,8 +239,19 @@ def dola(
         raise ValueError("DoLa starts from an empty cache; a pre-filled past_key_values is not supported")
     premature_head = _PrematureHead(model, dola_form)
     return _dola_loop(
-        model, input_ids, attention_mask, cache, layers, relative_top, dola_form, premature_head,
-        logits_processor, stopping_criteria, generation_config, streamer, extra,
+        model,
+        input_ids,
+        attention_mask,
+        cache,
+        layers,
+        relative_top,
+        dola_form,
+        premature_head,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
+        extra,
     )
 
 
@@ -348,10 +306,14 @@ def _dola_loop(
         )
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
-            raise ValueError(f"{type(model).__name__} did not return hidden states; DoLa reads its premature layers from them")
+            raise ValueError(
+                f"{type(model).__name__} did not return hidden states; DoLa reads its premature layers from them"
+            )
         final_logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32)
         premature_logits = premature_head(torch.stack([hidden_states[layer][:, -1, :] for layer in layers]))
-        contrast, chosen = dola_contrast(final_logits, premature_logits, layers, relative_top=relative_top, dola_form=dola_form)
+        contrast, chosen = dola_contrast(
+            final_logits, premature_logits, layers, relative_top=relative_top, dola_form=dola_form
+        )
         premature_layers.append(chosen)
         processed = logits_processor(input_ids, contrast)
         if scores is not None:
@@ -418,8 +380,12 @@ def dola_generate(
     ``tokenizer`` argument whenever ``custom_generate`` is a callable.
     """
     validate_dola_params(relative_top, dola_form)
-    _parse_layers(dola_layers)
-    if not isinstance(repetition_penalty, (int, float)) or isinstance(repetition_penalty, bool) or repetition_penalty <= 0:
+    parse_dola_layers(dola_layers)
+    if (
+        not isinstance(repetition_penalty, (int, float))
+        or isinstance(repetition_penalty, bool)
+        or repetition_penalty <= 0
+    ):
         raise ValueError(f"repetition_penalty must be a number > 0, got {repetition_penalty!r}")
     stop_strings = generate_kwargs.pop("stop_strings", None)
     tokenizer = generate_kwargs.pop("tokenizer", None)
@@ -441,45 +407,6 @@ def dola_generate(
         max_new_tokens=max_new_tokens,
         **generate_kwargs,
     )
-
-
-class DolaMethod(DecodingMethod):
-    """``dola`` in the method registry: ``cdlm generate --method dola --dola-layers high``."""
-
-    name = "dola"
-    description = "DoLa: final-layer log-probs minus a premature layer's, layer chosen per step (Chuang et al. 2023)"
-    params = (
-        Param(
-            "dola_layers", str, DEFAULT_DOLA_LAYERS,
-            "DoLa candidate premature layers: low, high, or indices like 4,10,16 (0 = embeddings)",
-        ),
-        Param("relative_top", float, DEFAULT_RELATIVE_TOP, "DoLa plausibility cut: keep tokens with p >= this * max p"),
-        Param(
-            "dola_form", str, "transformers",
-            "DoLa form: transformers (4.55.4: bare head on premature layers) or paper (final norm, true JSD)",
-        ),
-        Param("repetition_penalty", float, DEFAULT_REPETITION_PENALTY, "repetition penalty (> 0; 1.0: off)"),
-    )
-
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        hp["relative_top"], hp["dola_form"] = validate_dola_params(hp["relative_top"], hp["dola_form"])
-        candidate_layers(hp["dola_layers"], *_depth_and_tying(model))  # fail now, not mid-run
-        if hp["repetition_penalty"] <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {hp['repetition_penalty']}")
-
-    def generate_kwargs(self, batch: BatchEncoding, contrastive_batch: BatchEncoding | None = None) -> dict:
-        hp = self.hyperparameters
-        return {
-            "custom_generate": dola,
-            "dola_layers": _parse_layers(hp["dola_layers"]),
-            "relative_top": hp["relative_top"],
-            "dola_form": hp["dola_form"],
-            "repetition_penalty": hp["repetition_penalty"],
-            "do_sample": False,
-            "num_beams": 1,
-        }
 
 
 class _CallableModule(types.ModuleType):

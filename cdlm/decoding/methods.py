@@ -14,7 +14,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cdlm.decoding.contrast import CD_HYPERPARAMETERS, CID_HYPERPARAMETERS, DEFAULTS, HELP, ContrastSettings
+from cdlm.decoding.contrast import (
+    CD_HYPERPARAMETERS,
+    CID_HYPERPARAMETERS,
+    DEFAULT_EOS_PROMOTION,
+    DEFAULTS,
+    EOS_PROMOTION_HELP,
+    HELP,
+    ContrastSettings,
+    check_eos_promotion,
+)
 
 if TYPE_CHECKING:  # the registry imports neither torch nor transformers (fast `cdlm --help`)
     from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
@@ -142,6 +151,13 @@ class Sampling(DecodingMethod):
         }
 
 
+def _protected_ids(method: DecodingMethod, eos_promotion: str) -> list[int]:
+    """The ids whose promotion ``eos_promotion="forbid"`` rules out: every EOS id of the expert."""
+    from cdlm.models.prompts import eos_token_ids
+
+    return eos_token_ids(method.model, method.tokenizer) if eos_promotion == "forbid" else []
+
+
 class ContrastiveDecodingMethod(DecodingMethod):
     """``cdlm generate --method cd``: greedy (or beam) decoding on the contrastive-decoding scores.
 
@@ -153,12 +169,14 @@ class ContrastiveDecodingMethod(DecodingMethod):
     needs_amateur = True
     params = (
         *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CD_HYPERPARAMETERS),
+        Param("eos_promotion", str, DEFAULT_EOS_PROMOTION, EOS_PROMOTION_HELP),
         Param("num_beams", int, 1, "beam search width (1: greedy)"),
     )
 
     @classmethod
     def validate(cls, hp):
         ContrastSettings.from_hyperparameters("cd", hp)
+        check_eos_promotion(hp["eos_promotion"])
         check_num_beams(hp["num_beams"])
 
     def __init__(self, model, tokenizer, **kwargs):
@@ -185,6 +203,7 @@ class ContrastiveDecodingMethod(DecodingMethod):
             beta=hp["beta"],
             formulation=hp["cd_formulation"],
             amateur_temperature=hp["amateur_temperature"],
+            special_ids=_protected_ids(self, hp["eos_promotion"]),
             attention_mask=batch.get("attention_mask"),
             pad_token_id=self.tokenizer.pad_token_id,
         )
@@ -202,12 +221,14 @@ class ContrastiveInputMethod(DecodingMethod):
     needs_contrastive_inputs = True
     params = (
         *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CID_HYPERPARAMETERS),
+        Param("eos_promotion", str, DEFAULT_EOS_PROMOTION, EOS_PROMOTION_HELP),
         Param("num_beams", int, 1, "beam search width (1: greedy)"),
     )
 
     @classmethod
     def validate(cls, hp):
         ContrastSettings.from_hyperparameters("cid", hp)
+        check_eos_promotion(hp["eos_promotion"])
         check_num_beams(hp["num_beams"])
 
     def __init__(self, model, tokenizer, **kwargs):
@@ -240,8 +261,176 @@ class ContrastiveInputMethod(DecodingMethod):
             cid_lambda=hp["cid_lambda"],
             alpha=hp["alpha"],
             pad_token_id=self.tokenizer.pad_token_id,
+            special_ids=_protected_ids(self, hp["eos_promotion"]),
         )
         return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
+
+
+DEFAULT_PENALTY_ALPHA = 0.6
+DEFAULT_TOP_K = 4
+
+
+def validate_contrastive_search_params(penalty_alpha: Any, top_k: Any) -> tuple[float, int]:
+    """Check and normalise contrastive search's two hyperparameters; ``ValueError`` names the bad one."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be an integer >= 1 for contrastive search, got {top_k!r}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1 for contrastive search, got {top_k}")
+    try:
+        alpha = float(penalty_alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"penalty_alpha must be a number in [0, 1], got {penalty_alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"penalty_alpha must be in [0, 1], got {penalty_alpha}")
+    return alpha, top_k
+
+
+class ContrastiveSearchMethod(DecodingMethod):
+    """``cdlm generate --method cs --penalty-alpha 0.6 --top-k 4``.
+
+    The ``custom_generate`` callable lives in ``cdlm.decoding.contrastive_search`` (imported when a batch is built).
+    """
+
+    name = "cs"
+    description = "contrastive search: top-k candidates re-ranked by a degeneration penalty (Su et al. 2022)"
+    params = (
+        Param("penalty_alpha", float, DEFAULT_PENALTY_ALPHA, "contrastive search degeneration penalty, in [0, 1]"),
+        Param("top_k", int, DEFAULT_TOP_K, "contrastive search: number of candidate tokens (>= 1)"),
+    )
+
+    @classmethod
+    def validate(cls, hp):
+        hp["penalty_alpha"], hp["top_k"] = validate_contrastive_search_params(hp["penalty_alpha"], hp["top_k"])
+
+    def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
+        from cdlm.decoding.contrastive_search import contrastive_search
+
+        hp = self.hyperparameters
+        return {
+            "custom_generate": contrastive_search,
+            "penalty_alpha": hp["penalty_alpha"],
+            "top_k": hp["top_k"],
+            "do_sample": False,
+            "num_beams": 1,
+        }
+
+
+# ---------------------------------------------------------------- DoLa (the decoding loop: cdlm.decoding.dola)
+DEFAULT_DOLA_LAYERS = "high"
+DEFAULT_RELATIVE_TOP = 0.1  # the paper's alpha; fixed at 0.1 in 4.55.4
+# The paper and 4.55.4's documentation recommend a repetition penalty of 1.2 with DoLa; the plain function
+# and the registry method use it, the ``custom_generate`` callable takes generate()'s own (default 1.0).
+DEFAULT_REPETITION_PENALTY = 1.2
+DOLA_FORMS = ("transformers", "paper")
+
+
+def parse_dola_layers(dola_layers: Any) -> str | tuple[int, ...]:
+    """``"low"``, ``"high"``, or a tuple of ints from a list/tuple or a comma-separated string (the CLI form)."""
+    if isinstance(dola_layers, str):
+        text = dola_layers.strip()
+        if text in ("low", "high"):
+            return text
+        try:
+            dola_layers = [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"dola_layers must be 'low', 'high' or layer indices like '4,10,16', got {dola_layers!r}"
+            ) from None
+    if isinstance(dola_layers, (list, tuple)) and dola_layers:
+        if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in dola_layers):
+            raise ValueError(f"dola_layers must be a list of integer layer indices, got {dola_layers!r}")
+        return tuple(dict.fromkeys(dola_layers))  # order kept: ties go to the first listed layer
+    raise ValueError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {dola_layers!r}")
+
+
+def candidate_layers(dola_layers: Any, num_layers: int, tied_embeddings: bool) -> tuple[int, ...]:
+    """The premature layers DoLa chooses from, as indices into ``output_hidden_states`` (0 = embeddings).
+
+    ``"low"``/``"high"`` follow 4.55.4: every second layer of the lower/upper half (of the first/last
+    20 layers beyond 40 layers); with tied embeddings the lower half starts at layer 2, because
+    layer 0 read through the tied head is nearly the identity map.
+    """
+    parsed = parse_dola_layers(dola_layers)
+    if isinstance(parsed, tuple):
+        bad = [layer for layer in parsed if not 0 <= layer < num_layers]
+        if bad:
+            raise ValueError(
+                f"dola_layers {list(bad)} out of range: premature layers are 0 (embeddings) .. {num_layers - 1} "
+                f"for a model with {num_layers} layers (layer {num_layers} is the final layer itself)"
+            )
+        return parsed
+    if not tied_embeddings:
+        start = 0
+    else:
+        start = 2 if num_layers > 2 else (1 if num_layers == 2 else 0)
+    half = num_layers // 2
+    if parsed == "low":
+        if start == half:
+            return (start,)
+        return tuple(range(start, half, 2) if num_layers <= 40 else range(start, 20, 2))
+    return tuple(range(half, num_layers, 2) if num_layers <= 40 else range(num_layers - 20, num_layers, 2))
+
+
+def validate_dola_params(relative_top: Any, dola_form: Any) -> tuple[float, str]:
+    """Check and normalise the scalar hyperparameters; ``ValueError`` names the bad one."""
+    try:
+        top = float(relative_top)
+    except (TypeError, ValueError):
+        raise ValueError(f"relative_top must be a number in (0, 1], got {relative_top!r}") from None
+    if not 0.0 < top <= 1.0:
+        raise ValueError(f"relative_top must be in (0, 1], got {relative_top}")
+    if dola_form not in DOLA_FORMS:
+        raise ValueError(f"dola_form must be one of {', '.join(DOLA_FORMS)}, got {dola_form!r}")
+    return top, dola_form
+
+
+class DolaMethod(DecodingMethod):
+    """``dola`` in the method registry: ``cdlm generate --method dola --dola-layers high``."""
+
+    name = "dola"
+    description = "DoLa: final-layer log-probs minus a premature layer's, layer chosen per step (Chuang et al. 2023)"
+    params = (
+        Param(
+            "dola_layers",
+            str,
+            DEFAULT_DOLA_LAYERS,
+            "DoLa candidate premature layers: low, high, or indices like 4,10,16 (0 = embeddings)",
+        ),
+        Param(
+            "relative_top", float, DEFAULT_RELATIVE_TOP, "DoLa plausibility cut: keep tokens with p >= this * max p"
+        ),
+        Param(
+            "dola_form",
+            str,
+            "transformers",
+            "DoLa form: transformers (4.55.4: bare head on premature layers) or paper (final norm, true JSD)",
+        ),
+        Param("repetition_penalty", float, DEFAULT_REPETITION_PENALTY, "repetition penalty (> 0; 1.0: off)"),
+    )
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        hp = self.hyperparameters
+        hp["relative_top"], hp["dola_form"] = validate_dola_params(hp["relative_top"], hp["dola_form"])
+        from cdlm.decoding.dola import _depth_and_tying
+
+        candidate_layers(hp["dola_layers"], *_depth_and_tying(model))  # fail now, not mid-run
+        if hp["repetition_penalty"] <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {hp['repetition_penalty']}")
+
+    def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
+        from cdlm.decoding.dola import dola
+
+        hp = self.hyperparameters
+        return {
+            "custom_generate": dola,
+            "dola_layers": parse_dola_layers(hp["dola_layers"]),
+            "relative_top": hp["relative_top"],
+            "dola_form": hp["dola_form"],
+            "repetition_penalty": hp["repetition_penalty"],
+            "do_sample": False,
+            "num_beams": 1,
+        }
 
 
 # name -> "module:Class". Imported lazily so `cdlm --help` stays fast and optional pieces stay optional.
@@ -250,8 +439,8 @@ _METHODS: dict[str, str] = {
     "sample": "cdlm.decoding.methods:Sampling",
     "cd": "cdlm.decoding.methods:ContrastiveDecodingMethod",
     "cid": "cdlm.decoding.methods:ContrastiveInputMethod",
-    "cs": "cdlm.decoding.contrastive_search:ContrastiveSearchMethod",
-    "dola": "cdlm.decoding.dola:DolaMethod",
+    "cs": "cdlm.decoding.methods:ContrastiveSearchMethod",
+    "dola": "cdlm.decoding.methods:DolaMethod",
 }
 
 

@@ -8,7 +8,7 @@
 * ``lm_eval_model``: cdlm as an lm-evaluation-harness model (``lm_eval --model cdlm``).
 """
 
-from cdlm.eval_harness.evaluate import TASKS, EvalConfig, evaluate, prepare
+from cdlm.eval_harness.evaluate import EvalConfig, evaluate, prepare
 from cdlm.eval_harness.task import Task, get_task, register_task, task_names
 
-__all__ = ["TASKS", "EvalConfig", "Task", "evaluate", "get_task", "prepare", "register_task", "task_names"]
+__all__ = ["EvalConfig", "Task", "evaluate", "get_task", "prepare", "register_task", "task_names"]

@@ -39,8 +39,6 @@ from cdlm.eval_harness.task import (
 )
 from cdlm.run_identity import weights_fingerprint
 
-TASKS = task_names()
-
 
 @dataclass
 class EvalConfig:
@@ -231,7 +229,7 @@ def evaluate(
         "backend": backend,
     }
     run = RunFolder.open(output_dir, signature, overwrite=overwrite, shard=shard)
-    finished = run.finished()
+    finished = {i for i in run.finished() if i < len(requests)}  # a larger --limit earlier leaves extra records
     shard.barrier()  # every rank has read the finished records before any rank appends new ones
     chunks = _chunks(task, config, len(requests))
     mine = [[i for i in chunk if i not in finished] for k, chunk in enumerate(chunks) if shard.owns(k)]

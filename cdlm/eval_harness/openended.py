@@ -75,6 +75,15 @@ def select(rows: Sequence[dict], settings: OpenEndedSettings) -> list[dict]:
     return selected
 
 
+def human_prefix(doc: dict, max_tokens: int) -> str:
+    """The human continuation cut at ``max_tokens`` reference tokens (``human_token_ends``; whole if absent),
+    so that model and human texts of a run have the same token budget."""
+    ends = doc.get("human_token_ends")
+    if not ends or max_tokens >= len(ends):
+        return doc["human"]
+    return doc["human"][: ends[max_tokens - 1]]
+
+
 def text_metrics(continuations: Sequence[str], num_tokens: Sequence[int] | None = None) -> dict[str, float]:
     """Model-free corpus metrics of a set of continuations: pooled rep-n, diversity and length."""
     token_lists = [words(text) for text in continuations]
@@ -128,7 +137,10 @@ class Judge:
         return self._cache[key]
 
 
-def judged_metrics(judge: Judge, prompts, continuations, humans, *, mauve_seed: int = 25) -> dict[str, float]:
+def judged_metrics(
+    judge: Judge, prompts, continuations, humans, *, mauve_seed: int = 25, with_perplexity: bool = True,
+    with_mauve: bool = True,
+) -> dict[str, float]:
     """MAUVE (vs the human continuations), coherence and perplexity of one domain's continuations.
 
     Empty continuations (EOS as the first token) get no coherence (there is no text to embed) and add no
@@ -137,9 +149,10 @@ def judged_metrics(judge: Judge, prompts, continuations, humans, *, mauve_seed: 
     from cdlm.eval_harness.text_quality import coherence, mauve_score, perplexity
 
     result = {}
-    model_features = judge.mauve_features(prompts, continuations)
-    human_features = judge.mauve_features(prompts, humans)
-    result["mauve"] = mauve_score(human_features.numpy(), model_features.numpy(), seed=mauve_seed)
+    if with_mauve:
+        model_features = judge.mauve_features(prompts, continuations)
+        human_features = judge.mauve_features(prompts, humans)
+        result["mauve"] = mauve_score(human_features.numpy(), model_features.numpy(), seed=mauve_seed)
     nonempty = [i for i, text in enumerate(continuations) if text.strip()]
     if nonempty:
         prompt_embeddings = judge.embeddings([prompts[i] for i in nonempty])
@@ -148,12 +161,15 @@ def judged_metrics(judge: Judge, prompts, continuations, humans, *, mauve_seed: 
         result["coherence"] = sum(values) / len(values)
     else:
         result["coherence"] = math.nan
-    scored = judge.nll(prompts, continuations)
-    result["perplexity"] = perplexity([s for s, _ in scored], [n for _, n in scored])
+    if with_perplexity:  # the costly part with a large-vocabulary judge (Gemma 3: 262k-token softmax)
+        scored = judge.nll(prompts, continuations)
+        result["perplexity"] = perplexity([s for s, _ in scored], [n for _, n in scored])
     return result
 
 
-def corpus_metrics(records: Sequence[dict], judge: str | None = DEFAULT_JUDGE, *, mauve_seed: int = 25) -> dict:
+def corpus_metrics(
+    records: Sequence[dict], judge: str | None = DEFAULT_JUDGE, *, mauve_seed: int = 25, with_perplexity: bool = True
+) -> dict:
     """Every corpus-level metric of a run's records, per domain (``books/mauve``) and averaged over domains.
 
     Keys without a prefix are the model's; ``human/...`` are the human continuations' (MAUVE is only
@@ -172,10 +188,9 @@ def corpus_metrics(records: Sequence[dict], judge: str | None = DEFAULT_JUDGE, *
         if judge and judge != "none":
             scorer = Judge(judge)
             model.update(judged_metrics(scorer, prompts, [r["continuation"] for r in rows], [r["human"] for r in rows],
-                                        mauve_seed=mauve_seed))
-            human_judged = judged_metrics(scorer, prompts, [r["human"] for r in rows], [r["human"] for r in rows],
-                                          mauve_seed=mauve_seed)
-            human.update({k: v for k, v in human_judged.items() if k != "mauve"})
+                                        mauve_seed=mauve_seed, with_perplexity=with_perplexity))
+            human.update(judged_metrics(scorer, prompts, [r["human"] for r in rows], [r["human"] for r in rows],
+                                        with_perplexity=with_perplexity, with_mauve=False))
         per_domain[domain] = (model, human)
         results.update({f"{domain}/{k}": v for k, v in model.items()})
         results.update({f"{domain}/human/{k}": v for k, v in human.items()})
@@ -193,7 +208,7 @@ class OpenEndedTask(Task):
     """Continue human-written prompts; score repetition, diversity, MAUVE, coherence, perplexity, length."""
 
     name = "openended"
-    version = "1"
+    version = "2"
     output_type = GENERATE_UNTIL
     metrics = ("num_tokens", "num_words", "stopped_early")
     primary_metric = "mauve"
@@ -227,7 +242,7 @@ class OpenEndedTask(Task):
             "id": doc["id"],
             "domain": doc["domain"],
             "prompt": doc["prompt"],
-            "human": doc["human"],
+            "human": human_prefix(doc, request.max_new_tokens),
             "continuation": response.text,
             "num_tokens": response.num_tokens,
             "num_words": len(tokens),

@@ -10,9 +10,12 @@ A task is one module under ``cdlm/eval_harness/tasks/`` (or anywhere, registered
 * ``metrics`` (per-example values that ``aggregate`` averages, with their standard errors) and
   ``primary_metric`` (the one tables and comparisons lead with),
 
+* ``options``: the task-specific settings it reads from ``EvalConfig.extra`` (``--task-option KEY=VALUE``),
+
 and implements ``load`` (documents, the few-shot pool and a fingerprint of the data contents),
 ``build_requests`` (one request per document, built for the whole document list at once because few-shot
-draws depend on the position) and ``process_result`` (a document's response -> its per-example record).
+draws depend on the position), ``process_result`` (a document's response -> its per-example record) and,
+for corpus-level metrics, ``aggregate``.
 
 How a log-likelihood request is *scored* is not the task's business: the decoding method supplies the
 rule (``DecodingMethod.scoring_rule()``), so the harness never switches on task or method names.

@@ -29,6 +29,7 @@ the set of texts the same for every tokenizer.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
@@ -47,6 +48,8 @@ __all__ = [
     "default_texts",
     "layer_self_similarity",
     "self_similarity",
+    "reports_markdown",
+    "reports_payload",
     "summary_line",
 ]
 
@@ -162,6 +165,8 @@ def layer_self_similarity(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     per_layer: list[list[float]] = [[] for _ in range(num_layers + 1)]
+    # Only hidden states are needed: skip the LM head over every position (Gemma's 262k-row head dominates).
+    head_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
@@ -173,14 +178,17 @@ def layer_self_similarity(
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention_mask[row, : len(ids)] = 1
             outputs = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True,
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                output_hidden_states=True,
                 use_cache=False,
+                **head_kwargs,
             )
             hidden_states = outputs.hidden_states
             if hidden_states is None or len(hidden_states) != num_layers + 1:
                 raise ValueError(
-                    f"{type(model).__name__} returned {0 if hidden_states is None else len(hidden_states)} hidden states, "
-                    f"expected {num_layers + 1} (embeddings + one per layer)"
+                    f"{type(model).__name__} returned {0 if hidden_states is None else len(hidden_states)} hidden "
+                    f"states, expected {num_layers + 1} (embeddings + one per layer)"
                 )
             for row, (ids, keep) in enumerate(chunk):
                 positions = torch.tensor([i for i, counted in enumerate(keep) if counted], device=device)
@@ -210,3 +218,17 @@ def summary_line(report: IsotropyReport) -> str:
         f"final layer (contrastive search's representation): mean cosine {final.mean_cosine:.3f}; "
         f"least isotropic layer: {most.layer} ({most.mean_cosine:.3f})"
     )
+
+
+def reports_payload(reports: list[IsotropyReport]) -> dict:
+    """The JSON written by ``cdlm isotropy --output``: the definition, then one report per model."""
+    return {
+        "measure": "per layer: mean over texts of the mean cosine similarity between distinct token "
+        "representations within the text (Su & Collier 2022 self-similarity); see cdlm/models/isotropy.py",
+        "reports": [report.to_dict() for report in reports],
+    }
+
+
+def reports_markdown(reports: list[IsotropyReport]) -> str:
+    """The tables of several reports, each followed by its summary line."""
+    return "\n\n".join(f"{report.table()}\n\n{summary_line(report)}" for report in reports)

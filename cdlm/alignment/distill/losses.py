@@ -101,9 +101,7 @@ def reverse_kl(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
-def token_divergence(
-    name: str, teacher_logits: Tensor, student_logits: Tensor, alpha: float | Tensor = 0.1
-) -> Tensor:
+def token_divergence(name: str, teacher_logits: Tensor, student_logits: Tensor, alpha: float | Tensor = 0.1) -> Tensor:
     """Dispatch by name: ``skl``, ``srkl`` (skewed, use ``alpha``), ``fkl``, ``rkl``."""
     if name == "skl":
         return skew_kl(teacher_logits, student_logits, alpha)
@@ -250,12 +248,19 @@ def chunked_sequence_stats(
     if divergence in ("skl", "srkl"):
         _check_alpha(alpha)
     device = student_hidden.device
-    per_token_alpha = alpha[seq_index].float() if isinstance(alpha, Tensor) else torch.full(
-        seq_index.shape, float(alpha), device=device
+    per_token_alpha = (
+        alpha[seq_index].float()
+        if isinstance(alpha, Tensor)
+        else torch.full(seq_index.shape, float(alpha), device=device)
     )
     values, s_logp, t_logp = chunked(
         functools.partial(_chunk_stats, divergence, student_logits_fn, teacher_logits_fn),
-        student_hidden, teacher_hidden, labels, per_token_alpha, chunk_size=chunk_size, recompute=recompute,
+        student_hidden,
+        teacher_hidden,
+        labels,
+        per_token_alpha,
+        chunk_size=chunk_size,
+        recompute=recompute,
     )
     zeros = torch.zeros(num_sequences, device=device, dtype=torch.float32)
     sums = {

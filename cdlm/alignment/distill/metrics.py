@@ -31,7 +31,9 @@ def distillation_metrics(
     responses (and the teacher's own, for reference); ``rkl_student_responses``: mean KL(q || p) on
     the student-response field of the rows (as stored; not regenerated).
     """
-    vocab = vocab_size or min(student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size or min(
+        student.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    )
     collator = DistiLLM2Collator(pad_token_id)
     student_fn, teacher_fn = _logits_fn(student, vocab), _logits_fn(teacher, vocab)
     totals: dict[str, float] = defaultdict(float)
@@ -46,12 +48,21 @@ def distillation_metrics(
             comp = batch["completion_mask"].to(student.device)
             s_hidden = student.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             t_hidden = teacher.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            for side, rows_slice, divergence in (("teacher_responses", slice(0, pairs), "fkl"), ("student_responses", slice(pairs, 2 * pairs), "rkl")):
+            for side, rows_slice, divergence in (
+                ("teacher_responses", slice(0, pairs), "fkl"),
+                ("student_responses", slice(pairs, 2 * pairs), "rkl"),
+            ):
                 r, c, labels = _positions(ids, mask, comp, rows_slice)
                 stats = chunked_sequence_stats(
-                    student_hidden=s_hidden[rows_slice][r, c], teacher_hidden=t_hidden[rows_slice][r, c],
-                    labels=labels, seq_index=r, num_sequences=pairs, student_logits_fn=student_fn,
-                    teacher_logits_fn=teacher_fn, divergence=divergence, chunk_size=chunk_size,
+                    student_hidden=s_hidden[rows_slice][r, c],
+                    teacher_hidden=t_hidden[rows_slice][r, c],
+                    labels=labels,
+                    seq_index=r,
+                    num_sequences=pairs,
+                    student_logits_fn=student_fn,
+                    teacher_logits_fn=teacher_fn,
+                    divergence=divergence,
+                    chunk_size=chunk_size,
                 )
                 totals[f"{divergence}_{side}"] += stats["divergence"].sum().item()
                 totals[f"student_logp_{side}"] += stats["student_logp"].sum().item()

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cdlm.alignment.parallel import main_process_first
 from cdlm.models.amateur import TokenizerMismatchError, check_same_vocabulary
 from cdlm.models.prompts import adds_special_tokens, eos_token_ids, render_prompts
 
@@ -74,20 +75,30 @@ kept). ``hf_completion_generator`` builds one on ``model.generate``; the vLLM ba
 ``completion_generator(engine)`` builds one on a vLLM engine."""
 
 
-def hf_completion_generator(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8) -> CompletionGenerator:
+def hf_completion_generator(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8
+) -> CompletionGenerator:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
 
     def generate(prompt_ids, *, max_new_tokens: int, sampling: SamplingSettings, seed: int | None) -> list[list[int]]:
         return generate_from_ids(
-            model, prompt_ids, pad_token_id=pad_id, eos_ids=eos_ids, max_new_tokens=max_new_tokens,
-            sampling=sampling, batch_size=batch_size, seed=seed,
+            model,
+            prompt_ids,
+            pad_token_id=pad_id,
+            eos_ids=eos_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            batch_size=batch_size,
+            seed=seed,
         )
 
     return generate
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, rendered: Sequence[str], chat_template: bool) -> list[list[int]]:
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, rendered: Sequence[str], chat_template: bool
+) -> list[list[int]]:
     add_special = adds_special_tokens(tokenizer, chat_template)
     return [tokenizer(text, add_special_tokens=add_special)["input_ids"] for text in rendered]
 
@@ -229,7 +240,9 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
                 # A run killed mid-write leaves at most a truncated last line; anything else is corrupt.
-                raise ValueError(f"{path}:{number} is not valid JSON ({error}); remove that line and resume") from error
+                raise ValueError(
+                    f"{path}:{number} is not valid JSON ({error}); remove that line and resume"
+                ) from error
     return rows
 
 
@@ -257,14 +270,49 @@ def generate_pairs(
     ``chosen``/``rejected`` (teacher/student text), ``prompt_ids``/``chosen_ids``/``rejected_ids``
     and, with ``settings.score``, the four mean log-probs in :data:`SCORE_FIELDS`.
     Returns all records in the file (old and new), in prompt order.
+
+    Under a multi-process launch the main process generates (or completes) the file and the others then
+    read it: one writer, the same pairs everywhere.
     """
+    with main_process_first():
+        return _write_pairs(
+            prompts,
+            teacher=teacher,
+            student=student,
+            tokenizer=tokenizer,
+            output=output,
+            settings=settings,
+            student_tokenizer=student_tokenizer,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            teacher_generate=teacher_generate,
+            student_generate=student_generate,
+        )
+
+
+def _write_pairs(
+    prompts: Sequence[str],
+    *,
+    teacher: PreTrainedModel,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output: str | Path,
+    settings: PairGenerationSettings,
+    student_tokenizer: PreTrainedTokenizerBase | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
+    teacher_generate: CompletionGenerator | None = None,
+    student_generate: CompletionGenerator | None = None,
+) -> list[dict[str, Any]]:
     prompts = list(prompts)
     if not prompts:
         raise ValueError("the prompt set is empty: give at least one prompt to generate pairs for")
     blank = [i for i, p in enumerate(prompts) if not str(p).strip()]
     if blank:
         raise ValueError(f"{len(blank)} prompt(s) are empty or whitespace (first at index {blank[0]})")
-    vocab = shared_vocab_size(student, teacher, student_tokenizer or tokenizer, tokenizer if student_tokenizer else None)
+    vocab = shared_vocab_size(
+        student, teacher, student_tokenizer or tokenizer, tokenizer if student_tokenizer else None
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     meta_path = settings_path(output)
@@ -297,15 +345,26 @@ def generate_pairs(
                 prompt_ids, max_new_tokens=settings.max_new_tokens, sampling=settings.teacher_sampling, seed=seed
             )
             rejected = student_generate(
-                prompt_ids, max_new_tokens=settings.max_new_tokens, sampling=settings.student_sampling, seed=seed + 1_000_003
+                prompt_ids,
+                max_new_tokens=settings.max_new_tokens,
+                sampling=settings.student_sampling,
+                seed=seed + 1_000_003,
             )
             scores: dict[str, list[float]] = {}
             if settings.score:
                 scores = {
-                    "chosen_teacher_logp": mean_logprobs(teacher, prompt_ids, chosen, vocab_size=vocab, batch_size=batch_size),
-                    "chosen_student_logp": mean_logprobs(student, prompt_ids, chosen, vocab_size=vocab, batch_size=batch_size),
-                    "rejected_teacher_logp": mean_logprobs(teacher, prompt_ids, rejected, vocab_size=vocab, batch_size=batch_size),
-                    "rejected_student_logp": mean_logprobs(student, prompt_ids, rejected, vocab_size=vocab, batch_size=batch_size),
+                    "chosen_teacher_logp": mean_logprobs(
+                        teacher, prompt_ids, chosen, vocab_size=vocab, batch_size=batch_size
+                    ),
+                    "chosen_student_logp": mean_logprobs(
+                        student, prompt_ids, chosen, vocab_size=vocab, batch_size=batch_size
+                    ),
+                    "rejected_teacher_logp": mean_logprobs(
+                        teacher, prompt_ids, rejected, vocab_size=vocab, batch_size=batch_size
+                    ),
+                    "rejected_student_logp": mean_logprobs(
+                        student, prompt_ids, rejected, vocab_size=vocab, batch_size=batch_size
+                    ),
                 }
             for row, ((index, key), text) in enumerate(zip(batch, texts)):
                 record = {

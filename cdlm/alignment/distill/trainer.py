@@ -71,7 +71,7 @@ def _logits_fn(model: PreTrainedModel, vocab_size: int):
 
 def _positions(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, rows: slice):
     """(row, position) of every position predicting a completion token in ``rows``, and its label."""
-    predicts = (completion_mask[rows, 1:].bool() & attention_mask[rows, 1:].bool())
+    predicts = completion_mask[rows, 1:].bool() & attention_mask[rows, 1:].bool()
     row_index, col_index = predicts.nonzero(as_tuple=True)
     labels = input_ids[rows, 1:][row_index, col_index]
     return row_index, col_index, labels
@@ -128,7 +128,9 @@ class DistiLLM2Trainer(Trainer):
         if isinstance(teacher_model, str):
             teacher_model = AutoModelForCausalLM.from_pretrained(teacher_model)
         if teacher_model is model:
-            raise ValueError("teacher_model and model are the same object; the teacher must be a separate, frozen model")
+            raise ValueError(
+                "teacher_model and model are the same object; the teacher must be a separate, frozen model"
+            )
         self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
         if processing_class.pad_token_id is None:
             processing_class.pad_token = processing_class.eos_token
@@ -192,14 +194,23 @@ class DistiLLM2Trainer(Trainer):
         student = self.accelerator.unwrap_model(self.model)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         for side in ("chosen", "rejected"):
-            rows = [r for r in dataset.rows if side in refresh or not all(f"{side}_{m}_logp" in r for m in ("teacher", "student"))]
+            rows = [
+                r
+                for r in dataset.rows
+                if side in refresh or not all(f"{side}_{m}_logp" in r for m in ("teacher", "student"))
+            ]
             if not rows:
                 continue
             prompts = [r["prompt_ids"] for r in rows]
             completions = [r[f"{side}_ids"] for r in rows]
             for who, net in (("teacher", teacher), ("student", student)):
-                values = mean_logprobs(net, prompts, completions, vocab_size=self.vocab_size,
-                                       batch_size=self.args.per_device_eval_batch_size)
+                values = mean_logprobs(
+                    net,
+                    prompts,
+                    completions,
+                    vocab_size=self.vocab_size,
+                    batch_size=self.args.per_device_eval_batch_size,
+                )
                 for row, value in zip(rows, values):
                     row[f"{side}_{who}_logp"] = value
 
@@ -208,7 +219,9 @@ class DistiLLM2Trainer(Trainer):
         dataset: PairDataset = self.train_dataset
         student = self.accelerator.unwrap_model(self.model)
         tokenizer = self.processing_class
-        sampling = SamplingSettings(do_sample=True, temperature=self.args.resample_temperature, top_p=self.args.resample_top_p)
+        sampling = SamplingSettings(
+            do_sample=True, temperature=self.args.resample_temperature, top_p=self.args.resample_top_p
+        )
         fresh = generate_from_ids(
             student,
             [row["prompt_ids"] for row in dataset.rows],
@@ -236,8 +249,13 @@ class DistiLLM2Trainer(Trainer):
         if self.args.loss_type == "srkl":
             return 1.0
         if self.args.beta_schedule == "linear":
-            return linear_beta(self.state.global_step, self.state.max_steps, self.args.beta,
-                               self.args.beta_increase, self.args.beta_max)
+            return linear_beta(
+                self.state.global_step,
+                self.state.max_steps,
+                self.args.beta,
+                self.args.beta_increase,
+                self.args.beta_max,
+            )
         return self.args.beta
 
     def _hidden(self, model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -250,7 +268,10 @@ class DistiLLM2Trainer(Trainer):
         positions only, in chunks.
         """
         output = model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
             logits_to_keep=1,
         )
         return output.hidden_states[-1]
@@ -258,7 +279,11 @@ class DistiLLM2Trainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if model.training else "eval"
-        input_ids, attention_mask, completion_mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        input_ids, attention_mask, completion_mask = (
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+        )
         pairs = input_ids.shape[0] // 2
         beta = self.current_beta()
         sides = [("chosen", slice(0, pairs), "fkl" if args.loss_type == "fkl" else "skl", 1.0 - beta)]
@@ -286,9 +311,15 @@ class DistiLLM2Trainer(Trainer):
             if args.adaptive_alpha and divergence in ("skl", "srkl") and f"{side}_teacher_logp" in inputs:
                 with torch.no_grad():
                     now = chunked_sequence_stats(
-                        student_hidden=s_hidden.detach(), teacher_hidden=t_hidden, labels=labels, seq_index=row_index,
-                        num_sequences=pairs, student_logits_fn=student_fn, teacher_logits_fn=teacher_fn,
-                        divergence=None, chunk_size=args.chunk_size,
+                        student_hidden=s_hidden.detach(),
+                        teacher_hidden=t_hidden,
+                        labels=labels,
+                        seq_index=row_index,
+                        num_sequences=pairs,
+                        student_logits_fn=student_fn,
+                        teacher_logits_fn=teacher_fn,
+                        divergence=None,
+                        chunk_size=args.chunk_size,
                     )
                 count = now["count"].clamp_min(1.0)
                 t_mean, s_mean = now["teacher_logp"] / count, now["student_logp"] / count
@@ -300,9 +331,16 @@ class DistiLLM2Trainer(Trainer):
                 alpha = adaptive_alpha(gap, anchor, args.alpha, args.alpha_min)
                 self._metrics[mode][f"alpha/{side}"].append(alpha.mean().item())
             stats = chunked_sequence_stats(
-                student_hidden=s_hidden, teacher_hidden=t_hidden, labels=labels, seq_index=row_index,
-                num_sequences=pairs, student_logits_fn=student_fn, teacher_logits_fn=teacher_fn,
-                divergence=divergence, alpha=alpha, chunk_size=args.chunk_size,
+                student_hidden=s_hidden,
+                teacher_hidden=t_hidden,
+                labels=labels,
+                seq_index=row_index,
+                num_sequences=pairs,
+                student_logits_fn=student_fn,
+                teacher_logits_fn=teacher_fn,
+                divergence=divergence,
+                alpha=alpha,
+                chunk_size=args.chunk_size,
             )
             count = stats["count"]
             valid = count > 0
@@ -314,7 +352,11 @@ class DistiLLM2Trainer(Trainer):
                     tokens = self.accelerator.reduce(tokens.detach().clone(), reduction="sum") / processes
                 value = stats["divergence"].sum() / tokens.clamp_min(1.0)
             else:
-                value = (stats["divergence"][valid] / count[valid]).mean() if valid.any() else stats["divergence"].sum() * 0
+                value = (
+                    (stats["divergence"][valid] / count[valid]).mean()
+                    if valid.any()
+                    else stats["divergence"].sum() * 0
+                )
             loss = loss + weight * value
             metrics = self._metrics[mode]
             metrics[f"{divergence}/{side}"].append(value.item())

@@ -168,7 +168,9 @@ def score_pairs(
     todo = [i for i in range(len(tokenized)) if i not in done]
     rows = {i: tokenized[i] for i in todo}
     # Longest first groups similar lengths (less padding) and surfaces out-of-memory at the start.
-    todo.sort(key=lambda i: -(len(rows[i]["prompt_ids"]) + max(len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"]))))
+    todo.sort(
+        key=lambda i: -(len(rows[i]["prompt_ids"]) + max(len(rows[i]["chosen_ids"]), len(rows[i]["rejected_ids"])))
+    )
     was_training = model.training
     model.eval()
     try:
@@ -197,8 +199,14 @@ def _score_batch(
         reply_rejected = _truncate(prompt, list(row["rejected_ids"]), settings.max_length)
         if not prompt or not reply_chosen or not reply_rejected:
             reason = "empty prompt" if not prompt else "no reply token left within max_length"
-            yield {"index": index, "ches": math.nan, "ches_normalized": math.nan, "chosen_tokens": len(reply_chosen),
-                   "rejected_tokens": len(reply_rejected), "skipped": reason}
+            yield {
+                "index": index,
+                "ches": math.nan,
+                "ches_normalized": math.nan,
+                "chosen_tokens": len(reply_chosen),
+                "rejected_tokens": len(reply_rejected),
+                "skipped": reason,
+            }
             continue
         prompts.append(prompt)
         chosen.append(reply_chosen)
@@ -222,7 +230,7 @@ def _score_batch(
 
 
 def top_fraction(records: list[dict[str, Any]], fraction: float, score: str = "ches") -> list[int]:
-    """Row indices of the ``fraction`` of pairs with the highest ``score`` (rounded to nearest; skipped pairs never)."""
+    """Row indices of the ``fraction`` of pairs with the highest ``score`` (count rounded; skipped pairs never)."""
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     if score not in SCORE_NAMES:

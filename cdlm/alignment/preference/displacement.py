@@ -167,4 +167,10 @@ def attach_displacement_monitor(trainer: Any) -> DisplacementCallback | None:
     return callback
 
 
-__all__ = ["DisplacementCallback", "attach_displacement_monitor", "METRIC_KEYS", "REFERENCE_FILE", "displacement_metrics"]
+__all__ = [
+    "DisplacementCallback",
+    "attach_displacement_monitor",
+    "METRIC_KEYS",
+    "REFERENCE_FILE",
+    "displacement_metrics",
+]

@@ -90,7 +90,9 @@ def chosen_nll(
     ``num_tokens`` replaces the denominator: under data parallelism, the global token count divided by the
     number of processes, so that DDP's gradient average gives the token mean of the global batch."""
     mask = chosen_mask.to(chosen_token_logps.dtype)
-    denominator = mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype, device=mask.device)
+    denominator = (
+        mask.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=mask.dtype, device=mask.device)
+    )
     return -(chosen_token_logps * mask).sum() / denominator.clamp(min=1)
 
 
@@ -118,7 +120,8 @@ def cpo_loss(
 
 
 def token_kl_from_logits(ref_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
-    r"""Per-position :math:`\mathrm{KL}(\pi_{\mathrm{ref}}\,\|\,\pi)=\sum_v p_{\mathrm{ref}}(v)(\log p_{\mathrm{ref}}(v)-\log p(v))`
+    r"""Per-position :math:`\mathrm{KL}(\pi_{\mathrm{ref}}\,\|\,\pi)
+    =\sum_v p_{\mathrm{ref}}(v)(\log p_{\mathrm{ref}}(v)-\log p(v))`
     over the last (vocabulary) dimension."""
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
@@ -213,7 +216,8 @@ def chunked_token_logps_and_kl(
     chunk_size: int = 256,
     checkpoint: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""Per-token :math:`\log\pi(y_t)`, :math:`\log\pi_{\mathrm{ref}}(y_t)` and :math:`\mathrm{KL}(\pi_{\mathrm{ref}}\|\pi)`
+    r"""Per-token :math:`\log\pi(y_t)`, :math:`\log\pi_{\mathrm{ref}}(y_t)` and
+    :math:`\mathrm{KL}(\pi_{\mathrm{ref}}\|\pi)`
     from final hidden states of the completion tokens only, ``chunk_size`` tokens at a time.
 
     SparsePO needs the full-vocabulary distributions of both models, but only at completion tokens and only one

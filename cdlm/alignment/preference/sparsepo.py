@@ -67,7 +67,10 @@ def capture_activations(backbone: nn.Module, source: str, layers: Sequence[int])
             layer = modules[index]
             target = getattr(layer, "mlp" if source == "mlp" else "self_attn", None)
             if target is None:
-                raise ValueError(f"decoder layer {index} of {type(backbone).__name__} has no {'mlp' if source == 'mlp' else 'self_attn'} module")
+                raise ValueError(
+                    f"decoder layer {index} of {type(backbone).__name__} has no "
+                    f"{'mlp' if source == 'mlp' else 'self_attn'} module"
+                )
 
             def hook(_module, _inputs, output):
                 captured.append((output[0] if isinstance(output, tuple) else output).detach())
@@ -88,7 +91,9 @@ def _masked_zscore(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) 
 
 
 @torch.no_grad()
-def activation_token_mask(per_layer_activations: Sequence[torch.Tensor], completion_mask: torch.Tensor) -> torch.Tensor:
+def activation_token_mask(
+    per_layer_activations: Sequence[torch.Tensor], completion_mask: torch.Tensor
+) -> torch.Tensor:
     """Activation-derived SparsePO mask in ``[0, 1]``, zero outside the completion.
 
     Args:

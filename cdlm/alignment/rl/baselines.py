@@ -9,7 +9,6 @@ would have.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from cdlm.alignment.parallel import main_process_first
 from cdlm.alignment.rl.rewards import RewardFunction, check_rewards
 from cdlm.alignment.rl.rollout import prompt_text, render_prompts, sample_responses
 
@@ -86,7 +86,9 @@ def _read_cache(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
                     raise ValueError(f"{path} line {number}: not a baseline cache (expected format {CACHE_FORMAT!r})")
                 settings = record["settings"]
                 continue
-            rewards = check_rewards(record["rewards"], len(record["responses"]), f"baseline cache entry {record['prompt'][:40]!r}")
+            rewards = check_rewards(
+                record["rewards"], len(record["responses"]), f"baseline cache entry {record['prompt'][:40]!r}"
+            )
             entries[record["prompt"]] = {"responses": record["responses"], "rewards": rewards}
     if settings is None:
         raise ValueError(f"{path} is empty: not a baseline cache")
@@ -120,20 +122,10 @@ def generate_baselines(
     Under data parallelism (``torchrun``) the main process generates (or completes) the cache while the
     others wait, then every process reads it: one writer, and every process trains on the same baselines.
     """
-    with _main_process_first():
-        return _write_baselines(model, tokenizer, prompts, reward, cache_path, settings, batch_size=batch_size,
-                                progress=progress)
-
-
-@contextlib.contextmanager
-def _main_process_first() -> Iterator[None]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():
-            yield
-    else:
-        yield
+    with main_process_first():
+        return _write_baselines(
+            model, tokenizer, prompts, reward, cache_path, settings, batch_size=batch_size, progress=progress
+        )
 
 
 def _write_baselines(
@@ -161,7 +153,9 @@ def _write_baselines(
         existing, entries = _read_cache(path)
         if existing != wanted:
             changed = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-            raise ValueError(f"baseline cache {path} was made with different settings ({', '.join(changed)}); use another path")
+            raise ValueError(
+                f"baseline cache {path} was made with different settings ({', '.join(changed)}); use another path"
+            )
         done = set(entries)
         _drop_partial_last_line(path)
     else:
@@ -183,13 +177,24 @@ def _write_baselines(
             # Seeded by the first prompt's position so a resumed run samples the same responses.
             torch.manual_seed(settings.seed * 1_000_003 + chunk[0][0])
             rollout = sample_responses(
-                model, tokenizer, rendered, max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                model,
+                tokenizer,
+                rendered,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
             )
-            scores = check_rewards(reward(texts, rollout.texts, **extra), len(texts), getattr(reward, "__name__", "reward"))
+            scores = check_rewards(
+                reward(texts, rollout.texts, **extra), len(texts), getattr(reward, "__name__", "reward")
+            )
             for position, (index, row) in enumerate(chunk):
                 window = slice(position * settings.k, (position + 1) * settings.k)
-                record = {"prompt": prompt_text(row["prompt"]), "responses": rollout.texts[window], "rewards": scores[window]}
+                record = {
+                    "prompt": prompt_text(row["prompt"]),
+                    "responses": rollout.texts[window],
+                    "rewards": scores[window],
+                }
                 handle.write(json.dumps(record) + "\n")
             handle.flush()
             if progress is not None:

@@ -27,7 +27,9 @@ from cdlm.alignment.rl.core import KL_ESTIMATORS
 class PPOConfig(TrainingArguments):
     """Hyperparameters of :class:`~cdlm.alignment.rl.trainer.PPOTrainer` (all ``TrainingArguments`` fields apply)."""
 
-    output_dir: str | None = field(default="ppo-output", metadata={"help": "Folder for checkpoints and the final adapter."})
+    output_dir: str | None = field(
+        default="ppo-output", metadata={"help": "Folder for checkpoints and the final adapter."}
+    )
     num_iterations: int = field(default=10, metadata={"help": "PPO iterations (one rollout + its updates each)."})
     rollout_batch_size: int = field(
         default=8, metadata={"help": "Prompts (= responses) sampled per iteration, over all processes together."}
@@ -73,7 +75,8 @@ class PPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})"
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"mini_batch_size ({self.mini_batch_size})"
             )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for PPO sampling, got {self.temperature}")
@@ -91,12 +94,14 @@ class PPOConfig(TrainingArguments):
         """Refuse batch sizes that cannot be split evenly over ``num_processes`` and the accumulation steps."""
         if self.rollout_batch_size % num_processes:
             raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of the number of processes ({num_processes})"
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of the number of processes "
+                f"({num_processes})"
             )
         per_step = num_processes * self.gradient_accumulation_steps
         if self.mini_batch_size % per_step:
             raise ValueError(
-                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of processes x gradient_accumulation_steps "
+                f"mini_batch_size ({self.mini_batch_size}) must be a multiple of processes x "
+                "gradient_accumulation_steps "
                 f"({num_processes} x {self.gradient_accumulation_steps})"
             )
 

@@ -78,9 +78,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.zeros_like(positions)).max(dim=1).values
 
 
-def per_token_rewards(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
-) -> torch.Tensor:
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
     """RLHF reward shaping: ``-kl_coef * kl`` at every response token, plus the sequence score on its last token.
 
     ``scores`` has shape ``(batch,)``; the result is 0 on masked positions.
@@ -96,14 +94,17 @@ def per_token_rewards(
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, ``A_t = sum_l (gamma*lam)^l delta_{t+l}``, ``delta_t = r_t + gamma V_{t+1} - V_t``.
+    """Generalised advantage estimation, ``A_t = sum_l (gamma*lam)^l delta_{t+l}``,
+    ``delta_t = r_t + gamma V_{t+1} - V_t``.
 
     Values and rewards at masked positions are treated as 0, so the episode ends at the last
     response token (``V_{T} = 0``: there is no bootstrap after EOS). Returns ``(advantages, returns)``
     with ``returns = advantages + values``, both 0 on masked positions.
     """
     if rewards.shape != values.shape or rewards.shape != mask.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)}, mask {tuple(mask.shape)} must match")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)}, mask {tuple(mask.shape)} must match"
+        )
     mask_f = mask.to(values.dtype)
     values = values * mask_f
     rewards = rewards * mask_f
@@ -152,7 +153,9 @@ def clipped_value_loss(
     mask: torch.Tensor,
     cliprange_value: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``: the critic may not move further than ``c``."""
+    """``0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2))``.
+
+    The critic may not move further than ``c`` from its old prediction."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     losses = (values - returns) ** 2
     clipped_losses = (clipped_values - returns) ** 2

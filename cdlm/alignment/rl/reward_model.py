@@ -64,8 +64,12 @@ def train_reward_model(
     # RewardTrainer builds the score head and the LoRA weights before Trainer seeds anything: seed them here,
     # so that runs (and every data-parallel process) start from the same weights.
     set_seed(seed)
-    peft_config = LoraConfig(task_type="SEQ_CLS", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear")
-    trainer = RewardTrainer(model=str(model), args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config)
+    peft_config = LoraConfig(
+        task_type="SEQ_CLS", r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules="all-linear"
+    )
+    trainer = RewardTrainer(
+        model=str(model), args=args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     check_launch(trainer.accelerator)
     trainer.train()
     trainer.save_model(str(output_dir))

@@ -84,7 +84,13 @@ class GSM8KReward:
 
     __name__ = "gsm8k_reward"
 
-    def __init__(self, answers: Mapping[str, Any] | None = None, correct: float = 1.0, incorrect: float = 0.0, format_reward: float = 0.0):
+    def __init__(
+        self,
+        answers: Mapping[str, Any] | None = None,
+        correct: float = 1.0,
+        incorrect: float = 0.0,
+        format_reward: float = 0.0,
+    ):
         self.answers = dict(answers or {})
         self.correct, self.incorrect, self.format_reward = correct, incorrect, format_reward
 
@@ -94,14 +100,19 @@ class GSM8KReward:
         else:
             key = prompt_text(prompt)
             if key not in self.answers:
-                raise ValueError(f"no reference answer for prompt {key[:60]!r}: pass an 'answer' column or answers={{prompt: answer}}")
+                raise ValueError(
+                    f"no reference answer for prompt {key[:60]!r}: pass an 'answer' column or "
+                    "answers={prompt: answer}"
+                )
             reference = self.answers[key]
         value = extract_final_number(str(reference)) if not isinstance(reference, (int, float)) else float(reference)
         if value is None:
             raise ValueError(f"reference answer {reference!r} contains no number")
         return value
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any] | None = None, **kwargs: Any) -> list[float]:
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], answer: Sequence[Any] | None = None, **kwargs: Any
+    ) -> list[float]:
         if len(prompts) != len(completions):
             raise ValueError(f"got {len(prompts)} prompts for {len(completions)} completions")
         rewards = []
@@ -130,7 +141,14 @@ class SequenceClassificationReward:
     ``RewardTrainer`` renders conversational preference data), else as ``prompt + completion``.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: int = 1024, use_chat_template: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        batch_size: int = 8,
+        max_length: int = 1024,
+        use_chat_template: bool = True,
+    ):
         num_labels = getattr(getattr(model, "config", None), "num_labels", 1)
         if num_labels != 1:
             raise ValueError(f"a reward model must have a single output (num_labels=1), this one has {num_labels}")
@@ -144,7 +162,10 @@ class SequenceClassificationReward:
 
     def _render(self, prompt: Any, completion: Any) -> str:
         if self.use_chat_template and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt_text(prompt)}, {"role": "assistant", "content": completion_text(completion)}]
+            messages = [
+                {"role": "user", "content": prompt_text(prompt)},
+                {"role": "assistant", "content": completion_text(completion)},
+            ]
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return prompt_text(prompt) + completion_text(completion)
 
@@ -155,8 +176,12 @@ class SequenceClassificationReward:
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                max_length=self.max_length, add_special_tokens=False,
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
             ).to(device)
             scores += self.model(**batch).logits[:, 0].float().tolist()
         return check_rewards(scores, len(texts), "reward model")
@@ -172,7 +197,9 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", batch_size: in
         return RULE_REWARDS[name]()
     path = Path(spec)
     if not path.is_dir():
-        raise FileNotFoundError(f"reward model {spec!r} not found: give 'rule:gsm8k' or a folder with a sequence-classification model")
+        raise FileNotFoundError(
+            f"reward model {spec!r} not found: give 'rule:gsm8k' or a folder with a sequence-classification model"
+        )
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if (path / "adapter_config.json").exists():
@@ -242,7 +269,8 @@ class ContrastiveReward:
         if not self._warned:
             warnings.warn(
                 f"ContrastiveReward has no effect with {where}: the per-prompt baseline is a constant that the group "
-                "mean / leave-one-out baseline of the advantage cancels exactly. Use it with PPOTrainer (learned critic).",
+                "mean / leave-one-out baseline of the advantage cancels exactly. "
+                "Use it with PPOTrainer (learned critic).",
                 UserWarning,
                 stacklevel=3,
             )
@@ -251,7 +279,9 @@ class ContrastiveReward:
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         if any(name in kwargs for name in _TRL_GROUP_TRAINER_KWARGS):
             self.warn_no_effect()
-        raw = check_rewards(self.reward(prompts, completions, **kwargs), len(completions), getattr(self.reward, "__name__", "reward"))
+        raw = check_rewards(
+            self.reward(prompts, completions, **kwargs), len(completions), getattr(self.reward, "__name__", "reward")
+        )
         return self.contrast(prompts, raw)
 
     def contrast(self, prompts: Sequence[Any], raw: Sequence[float]) -> list[float]:

@@ -19,8 +19,14 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from cdlm.models.prompts import adds_special_tokens, eos_token_ids, render_prompts
 
 __all__ = [
-    "Rollout", "RowSeededSampling", "completion_text", "eos_token_ids", "prompt_text", "render_prompts",
-    "response_mask", "sample_responses",
+    "Rollout",
+    "RowSeededSampling",
+    "completion_text",
+    "eos_token_ids",
+    "prompt_text",
+    "render_prompts",
+    "response_mask",
+    "sample_responses",
 ]
 
 
@@ -93,7 +99,9 @@ class RowSeededSampling(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if scores.shape[0] != len(self.generators):
-            raise ValueError(f"RowSeededSampling has {len(self.generators)} seeds for a batch of {scores.shape[0]} rows")
+            raise ValueError(
+                f"RowSeededSampling has {len(self.generators)} seeds for a batch of {scores.shape[0]} rows"
+            )
         scores = self.warpers(input_ids, scores.float())
         exponential = torch.stack([torch.empty(scores.shape[1]).exponential_(generator=g) for g in self.generators])
         return scores - exponential.log().to(scores.device)
@@ -136,7 +144,10 @@ def sample_responses(
             raise ValueError(f"row_seeds has {len(row_seeds)} seeds for {len(rendered_prompts)} prompts")
         # generate's own sampling would draw from one shared RNG; pick argmax(warped logits + Gumbel noise) instead.
         sampling = {
-            "do_sample": False, "temperature": None, "top_k": None, "top_p": None,
+            "do_sample": False,
+            "temperature": None,
+            "top_k": None,
+            "top_p": None,
             "logits_processor": LogitsProcessorList([RowSeededSampling(row_seeds, temperature, top_k, top_p)]),
         }
     else:

@@ -1,4 +1,4 @@
-"""PPO for causal LMs with LoRA, built from transformers/PEFT/accelerate pieces (TRL 1.16 no longer ships a PPOTrainer).
+"""PPO for causal LMs with LoRA, from transformers/PEFT/accelerate pieces (TRL 1.16 no longer ships a PPOTrainer).
 
 One iteration: sample one response per prompt with ``generate`` -> score with the reward function
 (e.g. a :class:`~cdlm.alignment.rl.rewards.ContrastiveReward`) -> per-token rewards ``-kl_coef * KL``
@@ -51,6 +51,7 @@ from cdlm.alignment.rl.rollout import Rollout, prompt_text, render_prompts, samp
 
 __all__ = ["ContrastivePPOConfig", "PPOConfig", "PPOTrainer", "ValueHead"]
 
+
 class ValueHead(nn.Module):
     """The critic: one linear layer on the policy's last hidden state, zero-initialised (V = 0 at start)."""
 
@@ -71,26 +72,38 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.policy, self.value_head = policy, value_head
 
-    def forward(self, input_ids, attention_mask, response_length: int, with_values: bool = True, detach_values: bool = False):
+    def forward(
+        self, input_ids, attention_mask, response_length: int, with_values: bool = True, detach_values: bool = False
+    ):
         return response_outputs(
-            self.policy, input_ids, attention_mask, response_length,
-            value_head=self.value_head if with_values else None, detach_values=detach_values,
+            self.policy,
+            input_ids,
+            attention_mask,
+            response_length,
+            value_head=self.value_head if with_values else None,
+            detach_values=detach_values,
         )
 
 
-def response_outputs(policy: nn.Module, input_ids, attention_mask, response_length: int, value_head=None, detach_values=False):
-    """``(logits, values)`` at the positions that predict the last ``response_length`` tokens (values None without a head)."""
+def response_outputs(
+    policy: nn.Module, input_ids, attention_mask, response_length: int, value_head=None, detach_values=False
+):
+    """``(logits, values)`` at the positions predicting the last ``response_length`` tokens (no head: values None)."""
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     output = policy(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        output_hidden_states=value_head is not None, use_cache=False, logits_to_keep=response_length + 1,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=value_head is not None,
+        use_cache=False,
+        logits_to_keep=response_length + 1,
     )
     # Position t predicts token t+1: the response logits start one before the response.
     logits = output.logits[:, -(response_length + 1) : -1]
     if value_head is None:
         return logits, None
     hidden = output.hidden_states[-1][:, -(response_length + 1) : -1]
-    return logits, value_head(hidden.detach() if detach_values else hidden)
+    return logits, value_head(hidden.detach() if detach_values else hidden).float()
 
 
 def _rows(dataset: Any) -> list[dict[str, Any]]:
@@ -141,7 +154,9 @@ class PPOTrainer:
         if reward_funcs is None:
             raise ValueError("PPOTrainer needs a reward function or reward model (reward_funcs)")
         if isinstance(reward_funcs, nn.Module):
-            raise ValueError("wrap a reward model in cdlm.alignment.rl.rewards.SequenceClassificationReward(model, tokenizer)")
+            raise ValueError(
+                "wrap a reward model in cdlm.alignment.rl.rewards.SequenceClassificationReward(model, tokenizer)"
+            )
         if processing_class.pad_token_id is None:
             raise ValueError("the tokenizer needs a pad token")
         self.args, self.tokenizer, self.reward = args, processing_class, reward_funcs
@@ -150,8 +165,13 @@ class PPOTrainer:
         # Gradient accumulation is done here (losses are normalised by global token counts), not by accelerate.
         self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=args.use_cpu)
         if self.accelerator.distributed_type not in (
-            DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU, DistributedType.MULTI_XPU,
-            DistributedType.MULTI_NPU, DistributedType.MULTI_MLU, DistributedType.MULTI_MUSA,
+            DistributedType.NO,
+            DistributedType.MULTI_CPU,
+            DistributedType.MULTI_GPU,
+            DistributedType.MULTI_XPU,
+            DistributedType.MULTI_NPU,
+            DistributedType.MULTI_MLU,
+            DistributedType.MULTI_MUSA,
         ):
             raise ValueError(
                 f"PPOTrainer runs data-parallel (DDP) only, not {self.accelerator.distributed_type.value}: rollouts "
@@ -177,6 +197,7 @@ class PPOTrainer:
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=args.learning_rate)
         self.wrapped, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.step = 0
+        self._saved_step: int | None = None
         self.history: list[dict[str, float]] = []
         self.record_callbacks = [c for c in callbacks if not isinstance(c, TrainerCallback)]
         trainer_callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to)]
@@ -214,7 +235,10 @@ class PPOTrainer:
         """
         response_ids = rollout.response_ids[index]
         logits, values = response_outputs(
-            model, rollout.input_ids[index], rollout.attention_mask[index], response_ids.shape[1],
+            model,
+            rollout.input_ids[index],
+            rollout.attention_mask[index],
+            response_ids.shape[1],
             value_head=self.value_head if with_values else None,
         )
         return self._logprobs_and_entropy(logits, response_ids) + (values,)
@@ -222,7 +246,9 @@ class PPOTrainer:
     def _train_forward(self, rollout: Rollout, index: torch.Tensor):
         response_ids = rollout.response_ids[index]
         logits, values = self.wrapped(
-            rollout.input_ids[index], rollout.attention_mask[index], response_ids.shape[1],
+            rollout.input_ids[index],
+            rollout.attention_mask[index],
+            response_ids.shape[1],
             detach_values=self.args.detach_value_head,
         )
         return self._logprobs_and_entropy(logits, response_ids) + (values,)
@@ -270,7 +296,9 @@ class PPOTrainer:
             return rollout
 
         def gather(tensor, pad_index, pad_first):
-            return accelerator.gather(accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_index, pad_first=pad_first))
+            return accelerator.gather(
+                accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_index, pad_first=pad_first)
+            )
 
         texts = gather_object(list(rollout.texts))
         return Rollout(
@@ -283,15 +311,22 @@ class PPOTrainer:
         )
 
     def rollout_step(self) -> dict[str, float]:
-        """Sample, score and run the PPO updates of one iteration; returns its statistics (the same in every process)."""
+        """Sample, score and run the PPO updates of one iteration; returns its statistics (equal in every process)."""
         args, accelerator, started = self.args, self.accelerator, time.perf_counter()
         rows = self._batch_rows(self.step)
         share = self._local_share()
         local_rows = rows[share]
-        rendered = render_prompts(self.tokenizer, [prompt_text(r["prompt"]) for r in local_rows], args.use_chat_template)
+        rendered = render_prompts(
+            self.tokenizer, [prompt_text(r["prompt"]) for r in local_rows], args.use_chat_template
+        )
         local = sample_responses(
-            self.model, self.tokenizer, rendered, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            self.model,
+            self.tokenizer,
+            rendered,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
             row_seeds=[_row_seed(args.seed, self.step, i) for i in range(share.start, share.stop)],
         )
         scores, raw_scores = self._score(local_rows, local.texts, rows)
@@ -303,7 +338,9 @@ class PPOTrainer:
         mask = rollout.response_mask.float()
 
         self.model.eval()  # no dropout while computing the "old" quantities
-        with torch.no_grad():  # each process computes its share, then every process holds the whole batch
+        # Each process computes its share, then every process holds the whole batch. Under the same autocast as
+        # the prepared module's training forward (bf16/fp16), so the first ratio of each rollout is exactly 1.
+        with torch.no_grad(), accelerator.autocast():
             old_logprobs, _, old_values = self._forward(self.model, rollout, share, with_values=True)
             with self._reference() as reference:
                 ref_logprobs, _, _ = self._forward(reference, rollout, share, with_values=False)
@@ -317,7 +354,14 @@ class PPOTrainer:
             advantages = core.whiten(advantages, mask)
 
         self.model.train()
-        names = ("loss/policy", "loss/value", "policy/entropy", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")
+        names = (
+            "loss/policy",
+            "loss/value",
+            "policy/entropy",
+            "policy/clipfrac",
+            "policy/approx_kl",
+            "value/clipfrac",
+        )
         stats: dict[str, list[float]] = {}
         batch = rollout.response_ids.shape[0]
         processes, rank = accelerator.num_processes, accelerator.process_index
@@ -340,11 +384,21 @@ class PPOTrainer:
                         logprobs, entropy, values = self._train_forward(rollout, index)
                         mb_mask = mask[index]
                         weight = mb_mask.sum() / total_tokens
-                        pg_loss, pg_stats = core.clipped_policy_loss(logprobs, old_logprobs[index], advantages[index], mb_mask, args.cliprange)
-                        vf_loss, vf_stats = core.clipped_value_loss(values, old_values[index], returns[index], mb_mask, args.cliprange_value)
+                        pg_loss, pg_stats = core.clipped_policy_loss(
+                            logprobs, old_logprobs[index], advantages[index], mb_mask, args.cliprange
+                        )
+                        vf_loss, vf_stats = core.clipped_value_loss(
+                            values, old_values[index], returns[index], mb_mask, args.cliprange_value
+                        )
                         accelerator.backward((pg_loss + args.vf_coef * vf_loss) * weight * processes)
-                    parts = (pg_loss, vf_loss, core.masked_mean(entropy, mb_mask), pg_stats["clipfrac"],
-                             pg_stats["approx_kl"], vf_stats["vf_clipfrac"])
+                    parts = (
+                        pg_loss,
+                        vf_loss,
+                        core.masked_mean(entropy, mb_mask),
+                        pg_stats["clipfrac"],
+                        pg_stats["approx_kl"],
+                        vf_stats["vf_clipfrac"],
+                    )
                     sums += weight * torch.stack([value.detach().float() for value in parts])
                 grad_norm = accelerator.clip_grad_norm_(self.wrapped.parameters(), args.max_grad_norm)
                 self.optimizer.step()
@@ -355,17 +409,21 @@ class PPOTrainer:
                 stats.setdefault("grad_norm", []).append(float(grad_norm))
         self.step += 1
         record = {name: sum(values) / len(values) for name, values in stats.items()}
-        record.update({
-            "step": float(self.step),
-            "score": float(scores.mean()),
-            "reward_raw": float(sum(raw_scores) / len(raw_scores)) if raw_scores is not None else float(scores.mean()),
-            "kl": float((core.kl_penalty(old_logprobs, ref_logprobs, "k1") * mask).sum(dim=1).mean()),
-            "non_score_reward": float((-args.kl_coef * kl).sum(dim=1).mean()),
-            "value/mean": float(core.masked_mean(old_values, mask)),
-            "response_length": float(mask.sum(dim=1).mean()),
-            "eos_fraction": float(rollout.ended.float().mean()),
-            "seconds": time.perf_counter() - started,
-        })
+        record.update(
+            {
+                "step": float(self.step),
+                "score": float(scores.mean()),
+                "reward_raw": float(sum(raw_scores) / len(raw_scores))
+                if raw_scores is not None
+                else float(scores.mean()),
+                "kl": float((core.kl_penalty(old_logprobs, ref_logprobs, "k1") * mask).sum(dim=1).mean()),
+                "non_score_reward": float((-args.kl_coef * kl).sum(dim=1).mean()),
+                "value/mean": float(core.masked_mean(old_values, mask)),
+                "response_length": float(mask.sum(dim=1).mean()),
+                "eos_fraction": float(rollout.ended.float().mean()),
+                "seconds": time.perf_counter() - started,
+            }
+        )
         return record
 
     # -- training loop, checkpoints, evaluation -----------------------------------------------
@@ -403,7 +461,8 @@ class PPOTrainer:
             self.control = self.callback_handler.on_step_end(self.args, self.state, self.control)
             if self.args.save_steps and self.step % self.args.save_steps == 0:
                 self.save_checkpoint()
-        if self.latest_checkpoint() is None or self.latest_checkpoint().name != f"checkpoint-{self.step}":
+        # Decided from memory, not from the folder: another process may already have written checkpoint-STEP.
+        if self._saved_step != self.step:
             self.save_checkpoint()
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         return self.history
@@ -425,6 +484,7 @@ class PPOTrainer:
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
             self._rotate_checkpoints(keep=path)
         self.accelerator.wait_for_everyone()
+        self._saved_step = self.step
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
         return path
 
@@ -451,9 +511,16 @@ class PPOTrainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
         saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.step, self.history = int(saved["step"]), list(saved["history"])
+        self._saved_step = self.step
 
     @torch.no_grad()
-    def evaluate(self, dataset: Sequence[Any], reward: RewardFunction | None = None, batch_size: int = 16, do_sample: bool = False) -> list[float]:
+    def evaluate(
+        self,
+        dataset: Sequence[Any],
+        reward: RewardFunction | None = None,
+        batch_size: int = 16,
+        do_sample: bool = False,
+    ) -> list[float]:
         """Rewards of the current policy's responses (greedy by default) on held-out prompts.
 
         The prompts are split over the processes; every process returns the scores of all of them, in order.
@@ -469,8 +536,14 @@ class PPOTrainer:
             prompts = [prompt_text(r["prompt"]) for r in chunk]
             rendered = render_prompts(self.tokenizer, prompts, self.args.use_chat_template)
             rollout = sample_responses(
-                self.model, self.tokenizer, rendered, max_new_tokens=self.args.max_new_tokens, do_sample=do_sample,
-                temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
+                self.model,
+                self.tokenizer,
+                rendered,
+                max_new_tokens=self.args.max_new_tokens,
+                do_sample=do_sample,
+                temperature=self.args.temperature,
+                top_k=self.args.top_k,
+                top_p=self.args.top_p,
             )
             columns = {key: [row[key] for row in chunk] for key in chunk[0] if key != "prompt"}
             scores += check_rewards(reward(prompts, rollout.texts, **columns), len(chunk), "reward")

@@ -75,14 +75,16 @@ def passages(paras: list[str]) -> list[str]:
     return out
 
 
-def split_document(tokenizer, text: str, domain: str) -> tuple[str, str] | None:
-    """(prompt, human continuation) cut at token boundaries, or None if the document is too short."""
+def split_document(tokenizer, text: str, domain: str) -> tuple[str, str, list[int]] | None:
+    """(prompt, human continuation, end offset in the continuation of each of its tokens), cut at token
+    boundaries, or None if the document is too short. The offsets let a run with a smaller token budget
+    compare against the human text cut at the same number of tokens."""
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     if len(offsets) < PROMPT_TOKENS + MIN_CONTINUATION_TOKENS[domain]:
         return None
     cut = offsets[PROMPT_TOKENS - 1][1]
-    end = offsets[min(len(offsets), PROMPT_TOKENS + CONTINUATION_TOKENS[domain]) - 1][1]
-    return text[:cut], text[cut:end]
+    ends = [end - cut for _, end in offsets[PROMPT_TOKENS : PROMPT_TOKENS + CONTINUATION_TOKENS[domain]]]
+    return text[:cut], text[cut : cut + ends[-1]], ends
 
 
 def documents(book_paths: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -110,9 +112,9 @@ def main(book_paths: list[str]) -> None:
         usable = [(source, pair) for source, text in docs if (pair := split_document(tokenizer, text, domain))]
         step = len(usable) / PER_DOMAIN
         for i in range(PER_DOMAIN):
-            source, (prompt, human) = usable[int(i * step)]
+            source, (prompt, human, ends) = usable[int(i * step)]
             rows.append({"id": f"{domain}-{i:03d}", "domain": domain, "split": "dev" if i % 5 == 0 else "test",
-                         "source": source, "prompt": prompt, "human": human})
+                         "source": source, "prompt": prompt, "human": human, "human_token_ends": ends})
         print(f"{domain}: {len(usable)} of {len(docs)} documents long enough, kept {PER_DOMAIN}")
     target = Path(__file__).with_name("openended.jsonl.gz")
     buffer = io.BytesIO()

@@ -21,11 +21,11 @@ from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings
 from cdlm.decoding.vllm.params import METHODS, ContrastParams
 
 # Hyperparameters the vLLM path understands, per cdlm method name: the contrast rule's own names
-# (cdlm.decoding.contrast) for CD/CID, plus num_beams, accepted only as 1 (greedy).
+# (cdlm.decoding.contrast) for CD/CID, plus eos_promotion and num_beams (accepted only as 1: greedy).
 _SUPPORTED = {
     "greedy": set(),
-    "sample": {"temperature", "top_k", "top_p"},
-    **{method: {*names, "num_beams"} for method, names in METHODS.items()},
+    "sample": {"temperature", "top_k", "top_p", "typical_p"},
+    **{method: {*names, "num_beams", "eos_promotion"} for method, names in METHODS.items()},
 }
 
 
@@ -168,11 +168,12 @@ def served_architecture(folder: str) -> str:
 def _method_spec(method: Any, hyperparameters: dict | None, amateur: str | None) -> tuple[str, dict, str | None]:
     """(name, hyperparameters, amateur spec) from a method name or a cdlm ``DecodingMethod``."""
     if isinstance(method, str):
-        return method, dict(hyperparameters or {}), amateur
-    name = method.name
-    params = {**method.hyperparameters, **(hyperparameters or {})}
-    if amateur is None and getattr(method, "amateur", None) is not None:
-        amateur = amateur_spec(method.amateur)
+        name, params = method, dict(hyperparameters or {})
+    else:
+        name = method.name
+        params = {**method.hyperparameters, **(hyperparameters or {})}
+        if amateur is None and getattr(method, "amateur", None) is not None:
+            amateur = amateur_spec(method.amateur)
     return name, params, amateur
 
 
@@ -209,6 +210,8 @@ def sampling_params_for(
         raise ValueError("the vLLM backend decodes greedily (num_beams=1); beam search is not supported there")
     common = dict(max_tokens=max_new_tokens, stop=list(stop) or None, stop_token_ids=sorted(eos_token_ids), seed=seed)
     if name == "sample":
+        if hyperparameters.get("typical_p", 1.0) != 1.0:
+            raise ValueError("typical sampling (typical_p < 1) is not supported on the vLLM backend")
         return SamplingParams(
             temperature=hyperparameters.get("temperature", 1.0),
             top_k=hyperparameters.get("top_k", 0) or -1,

@@ -50,6 +50,26 @@ class ContrastiveProcessorCore:
         self.engine_key, layers = engine_early_exit or ("", ())
         self.engine_layers = {layer: EngineEarlyExit(self.engine_key, layer) for layer in layers}
         self.table = RequestTable(on_remove=self._leave)
+        self._eos_ids: tuple[int, ...] | None = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The served model's EOS ids (what ``eos_promotion="forbid"`` protects), read once from its folder."""
+        if self._eos_ids is None:
+            from transformers import AutoTokenizer, GenerationConfig
+
+            from cdlm.models.prompts import eos_token_ids
+
+            try:  # the same ids as the transformers methods: generation config + tokenizer
+                config = GenerationConfig.from_pretrained(self.expert_source)
+            except OSError:
+                config = None
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(self.expert_source)
+            except (OSError, ValueError):
+                tokenizer = None
+            self._eos_ids = tuple(eos_token_ids(config, tokenizer))
+        return self._eos_ids
 
     @staticmethod
     def validate(extra_args: dict | None) -> ContrastParams | None:
@@ -121,7 +141,7 @@ class ContrastiveProcessorCore:
         others = self.amateur_logits(logits.shape[0])
         by_rule: dict[Any, list[int]] = {}
         for index, state in self.table.items():
-            by_rule.setdefault(state.params.settings, []).append(index)
+            by_rule.setdefault(state.params.rule(self.eos_ids), []).append(index)
         for rule, indices in by_rule.items():
             rows = torch.tensor(indices, device=logits.device)
             expert = logits.index_select(0, rows)

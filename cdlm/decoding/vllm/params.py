@@ -22,7 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from cdlm.decoding.contrast import CD_HYPERPARAMETERS, CID_HYPERPARAMETERS, DEFAULTS, ContrastSettings
+from cdlm.decoding.contrast import (
+    CD_HYPERPARAMETERS,
+    CID_HYPERPARAMETERS,
+    DEFAULT_EOS_PROMOTION,
+    DEFAULTS,
+    ContrastSettings,
+    check_eos_promotion,
+)
 
 KEY_PREFIX = "cdlm_"
 METHODS = {"cd": CD_HYPERPARAMETERS, "cid": CID_HYPERPARAMETERS}
@@ -42,6 +49,8 @@ class ContrastParams:
             layers), ``"self"`` (the expert; CID's only choice), a name registered with
             ``register_amateur``, or a ``cdlm.models.load_model`` reference.
         alpha, beta, amateur_temperature, cd_formulation, cid_lambda: see ``cdlm.decoding.contrast.HELP``.
+        eos_promotion: ``"forbid"`` (default, as in the transformers methods) or ``"allow"``; the
+            processor fills in the served model's EOS ids.
         contrastive_prompt_token_ids: CID only: the contrastive input, tokenised exactly as the
             prompt was (vLLM only ever sees token ids).
     """
@@ -53,11 +62,16 @@ class ContrastParams:
     amateur_temperature: float = DEFAULTS["amateur_temperature"]
     cd_formulation: str = DEFAULTS["cd_formulation"]
     cid_lambda: float = DEFAULTS["cid_lambda"]
+    eos_promotion: str = DEFAULT_EOS_PROMOTION
     contrastive_prompt_token_ids: tuple[int, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"cdlm_method must be one of {sorted(METHODS)}, got {self.method!r}")
+        try:
+            check_eos_promotion(self.eos_promotion)
+        except ValueError as error:
+            raise ValueError(f"cdlm setting: {error}") from None
         object.__setattr__(self, "_settings", self._build_settings())
         for name in METHODS[self.method]:  # validated above: store plain floats (JSON numbers, not numpy/str)
             if name in _NUMERIC:
@@ -99,6 +113,10 @@ class ContrastParams:
     def settings(self) -> ContrastSettings:
         """The validated contrast rule (``cdlm.decoding.contrast.ContrastSettings``) of this request."""
         return self._settings  # type: ignore[attr-defined]
+
+    def rule(self, eos_ids: tuple[int, ...]) -> ContrastSettings:
+        """The rule applied to this request's rows, given the served model's EOS ids."""
+        return self.settings.forbidding_promotion_of(eos_ids) if self.eos_promotion == "forbid" else self.settings
 
     @classmethod
     def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> "ContrastParams | None":
@@ -151,6 +169,7 @@ class ContrastParams:
             values["amateur"] = self.amateur
         for name in METHODS[self.method]:
             values[name] = getattr(self, name)
+        values["eos_promotion"] = self.eos_promotion
         if self.contrastive_prompt_token_ids is not None:
             values["contrastive_prompt_token_ids"] = list(self.contrastive_prompt_token_ids)
         return {KEY_PREFIX + k: v for k, v in values.items()}
