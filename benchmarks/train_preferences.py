@@ -60,7 +60,9 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
     loaded = load_model(args.model, device="cpu", dtype="float32")
     extra = {}
     if method == "sparsepo":
-        extra = dict(sparsepo_mask_type=args.mask_type, sparsepo_mask_l1=args.mask_l1, sparsepo_layers=args.mask_layers)
+        extra = dict(
+            sparsepo_mask_type=args.mask_type, sparsepo_mask_l1=args.mask_l1, sparsepo_layers=args.mask_layers
+        )
     config = PreferenceConfig(
         output_dir=str(Path(args.work_dir) / method),
         method=method,
@@ -86,7 +88,9 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
         args=config,
         train_dataset=train,
         processing_class=loaded.tokenizer,
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.0),
+        peft_config=LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear", lora_dropout=0.0
+        ),
     )
     # Before training the policy is the reference (LoRA B = 0), the same for every method: measure it once.
     if "before" not in cache:
@@ -124,7 +128,10 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"alignment_train_{method}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("method", "steps", "train_seconds", "before", "after")}, indent=1), flush=True)
+    print(
+        json.dumps({k: result[k] for k in ("method", "steps", "train_seconds", "before", "after")}, indent=1),
+        flush=True,
+    )
     return result
 
 
@@ -161,7 +168,10 @@ def summarize() -> None:
     if sparse:
         spars = [e.get("mask/sparsity") for e in sparse[0]["history"] if "mask/sparsity" in e]
         if spars:
-            lines += ["", f"SparsePO mask sparsity (fraction of completion tokens with mask exactly 0): first step {spars[0]:.3f}, last step {spars[-1]:.3f}."]
+            lines += [
+                "",
+                f"SparsePO mask sparsity (fraction of completion tokens with mask exactly 0): first step {spars[0]:.3f}, last step {spars[-1]:.3f}.",
+            ]
     (RESULTS / "alignment_train.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -86,7 +86,7 @@ def tiny_llama(
     init_std: float = 0.25,
 ) -> LlamaForCausalLM:
     """A 4-layer Llama-family model (grouped-query attention, tied embeddings, like SmolLM2)."""
-    config = LlamaConfig(
+    config = LlamaConfig(  # type: ignore[call-arg]  # attn_implementation goes through **kwargs
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
@@ -115,7 +115,7 @@ def tiny_gemma3(
     sliding_window: int = 8,
 ) -> Gemma3ForCausalLM:
     """A 4-layer Gemma3 text model mixing sliding-window and full attention layers."""
-    config = Gemma3TextConfig(
+    config = Gemma3TextConfig(  # type: ignore[call-arg]  # attn_implementation goes through **kwargs
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,

@@ -12,7 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from transformers import StopStringCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 from cdlm.decoding.contrastive_search import contrastive_search, contrastive_search_generate
 from cdlm.models import load_model
@@ -27,18 +27,31 @@ with torch.inference_mode():
 
     # 1. As a custom_generate callable: everything else is ordinary generate() (EOS, max_new_tokens,
     #    logits processors, stopping criteria, return_dict_in_generate, ...).
-    searched = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=40)
+    searched = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=40
+    )
 
     # 2. Stop strings: transformers 5 does not forward `tokenizer=` to custom_generate callables, so pass
     #    a StopStringCriteria yourself ...
     stop = StoppingCriteriaList([StopStringCriteria(tokenizer=tokenizer, stop_strings=["\n"])])
     one_line = model.generate(
-        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=40, stopping_criteria=stop
+        **batch,
+        custom_generate=contrastive_search,
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=40,
+        stopping_criteria=stop,
     )
     # ... or use the plain-function API, which accepts stop_strings/tokenizer and does it for you.
     also_one_line = contrastive_search_generate(
-        model, batch["input_ids"], batch["attention_mask"], penalty_alpha=0.6, top_k=4, max_new_tokens=40,
-        stop_strings=["\n"], tokenizer=tokenizer,
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=40,
+        stop_strings=["\n"],
+        tokenizer=tokenizer,
     )
     assert one_line.tolist() == also_one_line.tolist()
 

@@ -15,7 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import LlamaForCausalLM
 
-from cdlm.alignment import DistiLLM2Config, DistiLLM2Trainer, PairGenerationSettings, distillation_metrics, generate_pairs
+from cdlm.alignment import (
+    DistiLLM2Config,
+    DistiLLM2Trainer,
+    PairGenerationSettings,
+    distillation_metrics,
+    generate_pairs,
+)
 from cdlm.models import load_amateur, load_model
 
 teacher = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
@@ -26,25 +32,55 @@ config = copy.deepcopy(teacher.model.config)
 config.num_hidden_layers = 6
 student = LlamaForCausalLM(config)
 student.load_state_dict(
-    {k: v.clone() for k, v in teacher.model.state_dict().items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < 6},
+    {
+        k: v.clone()
+        for k, v in teacher.model.state_dict().items()
+        if not k.startswith("model.layers.") or int(k.split(".")[2]) < 6
+    },
     strict=False,
 )
 
-prompts = ["What is 12 times 7?", "Name three primary colours.", "Why do leaves change colour?", "Give a synonym of 'quick'."]
+prompts = [
+    "What is 12 times 7?",
+    "Name three primary colours.",
+    "Why do leaves change colour?",
+    "Give a synonym of 'quick'.",
+]
 settings = PairGenerationSettings(teacher="smollm2-135m-instruct", student="smollm2[:6]", max_new_tokens=24)
-pairs = generate_pairs(prompts, teacher=teacher.model, student=student, tokenizer=tokenizer,
-                       output="/tmp/distillm2_example/pairs.jsonl", settings=settings, batch_size=4)
+pairs = generate_pairs(
+    prompts,
+    teacher=teacher.model,
+    student=student,
+    tokenizer=tokenizer,
+    output="/tmp/distillm2_example/pairs.jsonl",
+    settings=settings,
+    batch_size=4,
+)
 
 args = DistiLLM2Config(
-    output_dir="/tmp/distillm2_example/run", loss_type="distillm2", alpha=0.1, beta=0.5,
-    beta_schedule="linear", adaptive_alpha=True, max_steps=6, per_device_train_batch_size=4,
-    learning_rate=1e-4, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=2,
+    output_dir="/tmp/distillm2_example/run",
+    loss_type="distillm2",
+    alpha=0.1,
+    beta=0.5,
+    beta_schedule="linear",
+    adaptive_alpha=True,
+    max_steps=6,
+    per_device_train_batch_size=4,
+    learning_rate=1e-4,
+    use_cpu=True,
+    bf16=False,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=2,
 )
 before = distillation_metrics(student, teacher.model, pairs, pad_token_id=tokenizer.pad_token_id)
 trainer = DistiLLM2Trainer(student, teacher.model, args=args, train_dataset=pairs, processing_class=tokenizer)
 trainer.train()
 after = distillation_metrics(student, teacher.model, pairs, pad_token_id=tokenizer.pad_token_id)
-print(f"KL(teacher||student) on teacher responses: {before['kl_teacher_responses']:.3f} -> {after['kl_teacher_responses']:.3f}")
+print(
+    "KL(teacher||student) on teacher responses: "
+    f"{before['kl_teacher_responses']:.3f} -> {after['kl_teacher_responses']:.3f}"
+)
 
 student.save_pretrained("/tmp/distillm2_example/student")
 tokenizer.save_pretrained("/tmp/distillm2_example/student")

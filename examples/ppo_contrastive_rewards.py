@@ -24,15 +24,30 @@ train = arithmetic_problems(8, seed=0)  # {"prompt": "What is 17 + 25? Answer wi
 reward = GSM8KReward()  # 1.0 when the final number in the response equals "answer"
 
 cache = generate_baselines(
-    model, tokenizer, train, reward, "ppo-example/baselines.jsonl",
-    BaselineSettings(k=4, max_new_tokens=16, temperature=0.7, model="smollm2-135m-instruct"), batch_size=16,
+    model,
+    tokenizer,
+    train,
+    reward,
+    "ppo-example/baselines.jsonl",
+    BaselineSettings(k=4, max_new_tokens=16, temperature=0.7, model="smollm2-135m-instruct"),
+    batch_size=16,
 )
 contrastive = ContrastiveReward(reward, cache, aggregate="mean")
 
-config = PPOConfig(output_dir="ppo-example", num_iterations=3, rollout_batch_size=4, mini_batch_size=2,
-                   max_new_tokens=16, learning_rate=2e-4, kl_coef=0.05)
+config = PPOConfig(
+    output_dir="ppo-example",
+    num_iterations=3,
+    rollout_batch_size=4,
+    mini_batch_size=2,
+    max_new_tokens=16,
+    learning_rate=2e-4,
+    kl_coef=0.05,
+)
 lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 trainer = PPOTrainer(model, config, tokenizer, contrastive, train, peft_config=lora)
 for record in trainer.train():
-    print(f"iteration {int(record['step'])}: reward {record['reward_raw']:.2f}, contrastive {record['score']:+.2f}, KL {record['kl']:.3f}")
+    print(
+        f"iteration {int(record['step'])}: reward {record['reward_raw']:.2f}, "
+        f"contrastive {record['score']:+.2f}, KL {record['kl']:.3f}"
+    )
 print("held-out accuracy:", sum(trainer.evaluate(arithmetic_problems(8, seed=1), reward=reward)) / 8)

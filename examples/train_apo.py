@@ -12,7 +12,21 @@ from cdlm.models import load_model
 train, _ = load_default_splits()
 for method in ("apo_zero", "apo_down"):
     model, tokenizer = load_model("smollm2-135m-instruct")
-    args = PreferenceConfig(output_dir=f"{method}-smollm2", method=method, beta=0.1, learning_rate=5e-4, max_steps=5,
-                            per_device_train_batch_size=2, max_length=128, gradient_checkpointing=False, report_to=[])
-    PreferenceTrainer(model, args=args, train_dataset=train.select(range(20)), processing_class=tokenizer,
-                      peft_config=LoraConfig(r=16, target_modules="all-linear")).train()
+    args = PreferenceConfig(
+        output_dir=f"{method}-smollm2",
+        method=method,
+        beta=0.1,
+        learning_rate=5e-4,
+        max_steps=5,
+        per_device_train_batch_size=2,
+        max_length=128,
+        gradient_checkpointing=False,
+        report_to=[],
+    )
+    PreferenceTrainer(
+        model,
+        args=args,
+        train_dataset=train.select(range(20)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, target_modules="all-linear"),
+    ).train()

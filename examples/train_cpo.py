@@ -1,6 +1,6 @@
 """CPO: reference-free (no reference forward pass), preference term + cpo_alpha * NLL of the chosen replies.
 
-    HF_HUB_OFFLINE=1 python examples/train_cpo.py
+HF_HUB_OFFLINE=1 python examples/train_cpo.py
 """
 
 from peft import LoraConfig
@@ -10,10 +10,24 @@ from cdlm.models import load_model
 
 model, tokenizer = load_model("smollm2-135m-instruct")
 train, test = load_default_splits()
-args = PreferenceConfig(output_dir="cpo-smollm2", method="cpo", beta=0.1, cpo_alpha=1.0, learning_rate=5e-4,
-                        max_steps=10, per_device_train_batch_size=2, max_length=128, gradient_checkpointing=False,
-                        report_to=[])
-trainer = PreferenceTrainer(model, args=args, train_dataset=train.select(range(40)), processing_class=tokenizer,
-                            peft_config=LoraConfig(r=16, target_modules="all-linear"))
+args = PreferenceConfig(
+    output_dir="cpo-smollm2",
+    method="cpo",
+    beta=0.1,
+    cpo_alpha=1.0,
+    learning_rate=5e-4,
+    max_steps=10,
+    per_device_train_batch_size=2,
+    max_length=128,
+    gradient_checkpointing=False,
+    report_to=[],
+)
+trainer = PreferenceTrainer(
+    model,
+    args=args,
+    train_dataset=train.select(range(40)),
+    processing_class=tokenizer,
+    peft_config=LoraConfig(r=16, target_modules="all-linear"),
+)
 trainer.train()
 print(trainer.preference_metrics(test.select(range(20)))["logratio_accuracy"])  # CPO's implicit reward

@@ -38,7 +38,10 @@ def main() -> None:
     cd = ContrastParams(method="cd", amateur="early-exit:8", beta=1.0)  # .to_extra_args(): {"cdlm_method": "cd", ...}
     outputs = engine.llm.generate(
         [TokensPrompt(prompt_token_ids=ids)] * 2,
-        [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0, max_tokens=40, extra_args=cd.to_extra_args())],
+        [
+            SamplingParams(temperature=0, max_tokens=40),
+            SamplingParams(temperature=0, max_tokens=40, extra_args=cd.to_extra_args()),
+        ],
         use_tqdm=False,
     )
     for label, output in zip(["greedy", "cd beta=1"], outputs):

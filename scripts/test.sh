@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv (with test tools and the real models) and run the test suite.
+# Set up .venv (with test tools and the real models), lint, type-check, and run the test suite.
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` for the long real-model checks.
+# The vLLM suite lives in its own venv: `bash scripts/test_vllm.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/ruff check cdlm tests benchmarks examples
+.venv/bin/ruff format --check --quiet cdlm tests benchmarks examples
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -33,10 +33,22 @@ from cdlm.alignment.preference.losses import (
 from cdlm.alignment.preference.trainer import PreferenceTrainer
 
 PAIRS = [
-    {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt, then bake it.", "rejected": " No."},
-    {"prompt": "Question: How many clips did she sell?", "chosen": " She sold 48 / 2 = 24 clips.", "rejected": " The quick brown fox."},
+    {
+        "prompt": "Human: How do I bake bread? Assistant:",
+        "chosen": " Mix flour, water, yeast and salt, then bake it.",
+        "rejected": " No.",
+    },
+    {
+        "prompt": "Question: How many clips did she sell?",
+        "chosen": " She sold 48 / 2 = 24 clips.",
+        "rejected": " The quick brown fox.",
+    },
     {"prompt": "A man is sitting on a roof.", "chosen": " He starts pulling up roofing.", "rejected": " 0 1 2 3 4 5"},
-    {"prompt": "Human: Tell me a joke. Assistant:", "chosen": " The lazy dog jumps.", "rejected": " Contrastive decoding compares models."},
+    {
+        "prompt": "Human: Tell me a joke. Assistant:",
+        "chosen": " The lazy dog jumps.",
+        "rejected": " Contrastive decoding compares models.",
+    },
 ]
 
 COMMON = dict(
@@ -71,7 +83,11 @@ def perturb_adapter(model, seed: int = 0) -> None:
 def make_trainer(trainer_class, config, tokenizer, seed=0, arch="llama", pairs=PAIRS):
     """A trainer that wraps a fresh tiny model with LoRA itself (reference = adapter disabled), adapter perturbed."""
     trainer = trainer_class(
-        tiny_model(seed, arch), args=config, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer, peft_config=LORA
+        tiny_model(seed, arch),
+        args=config,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     perturb_adapter(trainer.model, seed)
     return trainer
@@ -105,7 +121,9 @@ def tokenizer():
     ("method", "loss_fn"), [("dpo", dpo_sigmoid_loss), ("apo_zero", apo_zero_loss), ("apo_down", apo_down_loss)]
 )
 def test_dpo_and_apo_equal_trl_dpo_trainer(method, loss_fn, tokenizer, tmp_path):
-    trl_config = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type={"dpo": "sigmoid"}.get(method, method), **COMMON)
+    trl_config = DPOConfig(
+        output_dir=str(tmp_path / "trl"), loss_type={"dpo": "sigmoid"}.get(method, method), **COMMON
+    )
     trl_trainer = make_trainer(DPOTrainer, trl_config, tokenizer)
     batch = first_batch(trl_trainer)
     with torch.no_grad():
@@ -138,7 +156,13 @@ def test_cpo_equals_trl_cpo_trainer_loss(tokenizer, tmp_path):
     logits = full_token_logits(model, batch, reference=False)
     (chosen, rejected), _, _ = sequence_logps(logits, batch)
     # TRL's CPO: cpo_loss on policy log-probs + alpha * CrossEntropyLoss over the chosen completion tokens.
-    fake_self = SimpleNamespace(alpha=0.0, beta=COMMON["beta"], loss_type="sigmoid", label_smoothing=0.0, accelerator=SimpleNamespace(device="cpu"))
+    fake_self = SimpleNamespace(
+        alpha=0.0,
+        beta=COMMON["beta"],
+        loss_type="sigmoid",
+        label_smoothing=0.0,
+        accelerator=SimpleNamespace(device="cpu"),
+    )
     trl_losses, _, _ = CPOTrainer.cpo_loss(fake_self, chosen, rejected)
     half = batch["input_ids"].size(0) // 2
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:half, 1:]
@@ -155,7 +179,9 @@ def test_cpo_pure_function_matches_trl_with_label_smoothing():
     mask = (torch.rand(3, 7, generator=generator) > 0.3).float()
     nll = chosen_nll(token_logps, mask)
     assert torch.allclose(nll, -(token_logps[mask.bool()]).mean())
-    fake_self = SimpleNamespace(alpha=0.0, beta=0.3, loss_type="sigmoid", label_smoothing=0.2, accelerator=SimpleNamespace(device="cpu"))
+    fake_self = SimpleNamespace(
+        alpha=0.0, beta=0.3, loss_type="sigmoid", label_smoothing=0.2, accelerator=SimpleNamespace(device="cpu")
+    )
     trl_losses, _, _ = CPOTrainer.cpo_loss(fake_self, chosen, rejected)
     loss, per_pair = cpo_loss(chosen, rejected, nll, beta=0.3, alpha=2.0, label_smoothing=0.2)
     assert torch.allclose(per_pair, trl_losses)
@@ -193,10 +219,22 @@ def test_sparsepo_with_unit_masks_is_tdpo1():
     assert torch.allclose(out.loss, expected.mean(), atol=1e-6)
     # Zero masks remove every term: loss is log 2 whatever the models say.
     zeros = torch.zeros_like(mask)
-    assert torch.allclose(sparsepo_loss(policy_logp, ref_logp, kl, mask, zeros, zeros, beta=0.2).losses, torch.full((B,), 0.6931472), atol=1e-6)
+    assert torch.allclose(
+        sparsepo_loss(policy_logp, ref_logp, kl, mask, zeros, zeros, beta=0.2).losses,
+        torch.full((B,), 0.6931472),
+        atol=1e-6,
+    )
     # L1 counts the shared mask once, independent masks twice.
-    assert torch.isclose(sparsepo_loss(policy_logp, ref_logp, kl, mask, ones, ones, beta=0.2, mask_l1=0.5).loss, expected.mean() + 0.5, atol=1e-6)
-    assert torch.isclose(sparsepo_loss(policy_logp, ref_logp, kl, mask, ones, ones.clone(), beta=0.2, mask_l1=0.5).loss, expected.mean() + 1.0, atol=1e-6)
+    assert torch.isclose(
+        sparsepo_loss(policy_logp, ref_logp, kl, mask, ones, ones, beta=0.2, mask_l1=0.5).loss,
+        expected.mean() + 0.5,
+        atol=1e-6,
+    )
+    assert torch.isclose(
+        sparsepo_loss(policy_logp, ref_logp, kl, mask, ones, ones.clone(), beta=0.2, mask_l1=0.5).loss,
+        expected.mean() + 1.0,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
@@ -220,7 +258,9 @@ def test_chunked_logps_and_kl_match_full_vocab_and_gradients(softcap):
     expected_grad = policy_hidden.grad.clone()
     policy_hidden.grad = None
 
-    logp, ref_logp, kl = chunked_token_logps_and_kl(policy_hidden, ref_hidden, weight, None, labels, softcap=softcap, chunk_size=4)
+    logp, ref_logp, kl = chunked_token_logps_and_kl(
+        policy_hidden, ref_hidden, weight, None, labels, softcap=softcap, chunk_size=4
+    )
     assert torch.allclose(logp, exp_logp, atol=1e-5)
     assert torch.allclose(ref_logp, full_ref.gather(-1, labels[:, None]).squeeze(-1), atol=1e-5)
     assert torch.allclose(kl, exp_kl, atol=1e-5)
@@ -244,13 +284,17 @@ def test_sparsepo_trainer_with_unit_masks_equals_tdpo1(arch, tokenizer, tmp_path
         ours = trainer.compute_loss(trainer.model, batch)
     policy_logits = full_token_logits(model, batch, reference=False)
     ref_logits = full_token_logits(model, batch, reference=True)
-    expected = tdpo1_reference(policy_logits, ref_logits, batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float(), COMMON["beta"])
+    expected = tdpo1_reference(
+        policy_logits, ref_logits, batch["input_ids"][:, 1:], batch["completion_mask"][:, 1:].float(), COMMON["beta"]
+    )
     assert abs(float(ours) - float(expected.mean())) < 1e-4
     assert abs(float(ours) - 0.6931) > 1e-4
 
 
 def test_gradients_reach_lora_and_learned_mask_heads(tokenizer, tmp_path):
-    config = PreferenceConfig(output_dir=str(tmp_path), method="sparsepo", sparsepo_shared_mask=False, sparsepo_mask_l1=0.1, **COMMON)
+    config = PreferenceConfig(
+        output_dir=str(tmp_path), method="sparsepo", sparsepo_shared_mask=False, sparsepo_mask_l1=0.1, **COMMON
+    )
     trainer = make_trainer(PreferenceTrainer, config, tokenizer, seed=7)
     batch = first_batch(trainer)
     trainer.model.train()
@@ -274,5 +318,7 @@ def test_losses_reject_non_positive_beta(fn):
 
 
 def test_dpo_loss_value_by_hand():
-    loss = dpo_sigmoid_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    loss = dpo_sigmoid_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert torch.allclose(loss, -F.logsigmoid(torch.tensor([0.5 * (1.0 + 1.0)])))

@@ -21,7 +21,11 @@ from cdlm.alignment.preference.data import (
 from cdlm.alignment.preference.trainer import MASKS_WEIGHTS_NAME, PreferenceTrainer, load_sparse_masks
 
 PAIRS = [
-    {"prompt": "Human: How do I bake bread? Assistant:", "chosen": " Mix flour, water, yeast and salt.", "rejected": " No."},
+    {
+        "prompt": "Human: How do I bake bread? Assistant:",
+        "chosen": " Mix flour, water, yeast and salt.",
+        "rejected": " No.",
+    },
     {"prompt": "Question: How many clips?", "chosen": " She sold 24 clips.", "rejected": " The quick brown fox."},
 ]
 COMMON = dict(
@@ -62,7 +66,11 @@ def losses(trainer):
 def test_each_method_decreases_loss_and_separates_pairs(method, extra, tokenizer, tmp_path):
     config = PreferenceConfig(output_dir=str(tmp_path), method=method, max_steps=5, **COMMON, **extra)
     trainer = PreferenceTrainer(
-        testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LORA
+        testing.tiny_llama(seed=0),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     before = trainer.preference_metrics(Dataset.from_list(PAIRS))
     trainer.train()
@@ -80,7 +88,11 @@ def test_each_method_decreases_loss_and_separates_pairs(method, extra, tokenizer
 def test_gemma3_trains(method, tokenizer, tmp_path):
     config = PreferenceConfig(output_dir=str(tmp_path), method=method, max_steps=3, **COMMON)
     trainer = PreferenceTrainer(
-        testing.tiny_gemma3(seed=0), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LORA
+        testing.tiny_gemma3(seed=0),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     trainer.train()
     history = losses(trainer)
@@ -96,7 +108,11 @@ def test_sparsepo_activation_sources_and_independent_masks(tokenizer, tmp_path):
     ):
         config = PreferenceConfig(output_dir=str(tmp_path), method="sparsepo", max_steps=1, **COMMON, **extra)
         trainer = PreferenceTrainer(
-            testing.tiny_llama(seed=1), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LORA
+            testing.tiny_llama(seed=1),
+            args=config,
+            train_dataset=Dataset.from_list(PAIRS),
+            processing_class=tokenizer,
+            peft_config=LORA,
         )
         trainer.train()
         logged = trainer.state.log_history[0]
@@ -134,7 +150,11 @@ def test_learned_masks_save_with_adapter_and_resume(tokenizer, tmp_path):
         output_dir=str(tmp_path), method="sparsepo", max_steps=2, **{**COMMON, "save_strategy": "steps"}, save_steps=1
     )
     trainer = PreferenceTrainer(
-        testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LORA
+        testing.tiny_llama(seed=0),
+        args=config,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
@@ -150,7 +170,11 @@ def test_learned_masks_save_with_adapter_and_resume(tokenizer, tmp_path):
         output_dir=str(tmp_path), method="sparsepo", max_steps=2, **{**COMMON, "save_strategy": "no"}
     )
     trainer2 = PreferenceTrainer(
-        testing.tiny_llama(seed=0), args=config2, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer, peft_config=LORA
+        testing.tiny_llama(seed=0),
+        args=config2,
+        train_dataset=Dataset.from_list(PAIRS),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     checkpoint_masks = load_sparse_masks(str(tmp_path / "checkpoint-1"))
     trainer2._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
@@ -160,7 +184,9 @@ def test_learned_masks_save_with_adapter_and_resume(tokenizer, tmp_path):
 
 def test_cpo_without_peft_builds_no_reference(tokenizer, tmp_path):
     config = PreferenceConfig(output_dir=str(tmp_path), method="cpo", max_steps=1, **COMMON)
-    trainer = PreferenceTrainer(testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer)
+    trainer = PreferenceTrainer(
+        testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer
+    )
     assert trainer.ref_model is None and trainer.precompute_ref_logps is False
     assert "ref_chosen_logps" not in trainer.train_dataset.column_names
     trainer.train()
@@ -201,7 +227,12 @@ def test_empty_and_identical_pairs_are_counted_never_silent(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="cdlm.alignment.preference.data"):
         kept, report = validate_preference_dataset(dataset, tokenizer=tokenizer, max_length=64, on_invalid="drop")
     assert len(kept) == 2 and report.kept == 2
-    assert (report.empty_chosen, report.empty_rejected, report.identical, report.prompt_too_long) == ([2], [3], [4], [5])
+    assert (report.empty_chosen, report.empty_rejected, report.identical, report.prompt_too_long) == (
+        [2],
+        [3],
+        [4],
+        [5],
+    )
     assert "4 of 6 preference pairs are unusable" in caplog.text and "dropping them, 2 remain" in caplog.text
     kept, _ = validate_preference_dataset(dataset, tokenizer=tokenizer, max_length=64, on_invalid="keep")
     assert len(kept) == 6
@@ -211,12 +242,18 @@ def test_trainer_reports_dropped_pairs(tokenizer, tmp_path):
     rows = PAIRS + [{"prompt": "p", "chosen": "x", "rejected": "x"}]
     config = PreferenceConfig(output_dir=str(tmp_path), method="dpo", max_steps=1, **COMMON)
     trainer = PreferenceTrainer(
-        testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=LORA
+        testing.tiny_llama(seed=0),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LORA,
     )
     assert trainer.train_data_report.identical == [2] and len(trainer.train_dataset) == 2
     config = PreferenceConfig(output_dir=str(tmp_path), method="dpo", max_steps=1, on_invalid_pairs="error", **COMMON)
     with pytest.raises(ValueError, match="identical chosen and rejected"):
-        PreferenceTrainer(testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        PreferenceTrainer(
+            testing.tiny_llama(seed=0), args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+        )
 
 
 def test_shipped_dataset_and_file_loading(tmp_path):
@@ -248,9 +285,27 @@ def test_cli_trains_and_resumes(tokenizer, tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text("beta: 0.2\nlearning_rate: 0.001\nlora_r: 4\nlogging_steps: 1\n")
     out = tmp_path / "run"
-    base = ["train", "--model", str(model_dir), "--device", "cpu", "--dataset", str(data), "--output-dir", str(out),
-            "--max-length", "64", "--per-device-train-batch-size", "2", "--save-steps", "1", "--config", str(config),
-            "--method", "cpo"]
+    base = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-length",
+        "64",
+        "--per-device-train-batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--config",
+        str(config),
+        "--method",
+        "cpo",
+    ]
     assert main(base + ["--max-steps", "1"]) == 0
     assert (out / "checkpoint-1").is_dir() and (out / "adapter_model.safetensors").exists()
     assert main(base + ["--max-steps", "2"]) == 0
@@ -270,12 +325,17 @@ def test_real_smollm2_sparsepo_steps(smollm2, tmp_path):
 
     fresh = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")  # never mutate the session fixture
     train, _ = load_default_splits()
-    short = train.select(sorted(range(len(train)), key=lambda i: len(train[i]["prompt"]) + len(train[i]["chosen"]))[:4])
+    short = train.select(
+        sorted(range(len(train)), key=lambda i: len(train[i]["prompt"]) + len(train[i]["chosen"]))[:4]
+    )
     config = PreferenceConfig(
         output_dir=str(tmp_path), method="sparsepo", max_steps=2, sparsepo_layers=[-1], **{**COMMON, "max_length": 96}
     )
     trainer = PreferenceTrainer(
-        fresh.model, args=config, train_dataset=short, processing_class=fresh.tokenizer,
+        fresh.model,
+        args=config,
+        train_dataset=short,
+        processing_class=fresh.tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
     )
     trainer.train()

@@ -32,7 +32,9 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "cdlm.cli", "--version"], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "cdlm.cli", "--version"], capture_output=True, text=True, check=True
+    )
     assert result.stdout.startswith("cdlm ")
 
 
@@ -44,8 +46,19 @@ def test_models_lists_registered_names(capsys, tmp_path, monkeypatch):
 
 
 def test_generate_greedy_json_is_deterministic(capsys, tiny_model_dir):
-    args = ["generate", "--model", tiny_model_dir, "--prompt", "The quick", "--prompt", "Question: how",
-            "--max-new-tokens", "5", "--json", "--no-chat"]
+    args = [
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "The quick",
+        "--prompt",
+        "Question: how",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "--no-chat",
+    ]
     assert main(args) == 0
     first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main(args) == 0
@@ -55,8 +68,24 @@ def test_generate_greedy_json_is_deterministic(capsys, tiny_model_dir):
 
 
 def test_generate_compares_methods_with_throughput_table(capsys, tiny_model_dir):
-    assert main(["generate", "--model", tiny_model_dir, "--method", "greedy", "--method", "sample",
-                 "--temperature", "0.7", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                tiny_model_dir,
+                "--method",
+                "greedy",
+                "--method",
+                "sample",
+                "--temperature",
+                "0.7",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "=== greedy |" in captured.out and "=== sample |" in captured.out
     assert "tokens/s" in captured.out and "loaded" in captured.err

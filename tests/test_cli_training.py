@@ -43,11 +43,29 @@ def parsers():
 def test_one_flag_name_per_setting_across_trainer_commands(parsers):
     """The old hand-written drift (--lr vs --learning-rate, --grad-accum, --lora-targets) cannot come back."""
     trainers = [parsers["train"], parsers["distill train"], parsers["rl"]]
-    shared = ["--learning-rate", "--gradient-accumulation-steps", "--lora-r", "--lora-target-modules", "--seed",
-              "--logging-steps", "--report-to", "--bf16", "--max-grad-norm", "--output-dir", "--config", "--no-resume",
-              "--threads", "--save-steps"]
-    for flag in ("--per-device-train-batch-size", "--push-to-hub", "--lr-scheduler-type", "--warmup-steps",
-                 "--num-train-epochs"):
+    shared = [
+        "--learning-rate",
+        "--gradient-accumulation-steps",
+        "--lora-r",
+        "--lora-target-modules",
+        "--seed",
+        "--logging-steps",
+        "--report-to",
+        "--bf16",
+        "--max-grad-norm",
+        "--output-dir",
+        "--config",
+        "--no-resume",
+        "--threads",
+        "--save-steps",
+    ]
+    for flag in (
+        "--per-device-train-batch-size",
+        "--push-to-hub",
+        "--lr-scheduler-type",
+        "--warmup-steps",
+        "--num-train-epochs",
+    ):
         assert flag in _flags(parsers["train"]) and flag in _flags(parsers["distill train"])
         assert flag not in _flags(parsers["rl"])  # PPO ignores them, so it offers no flag that would do nothing
     for parser in trainers:
@@ -81,7 +99,10 @@ def test_every_config_field_of_cdlm_is_a_flag_with_choices_and_plain_help(parser
 
 
 def test_plain_help_strips_restructured_text():
-    assert plain_help("See :class:`~trl.DPOConfig` and ``beta``; use `x`.\n  Done 50%") == "See DPOConfig and beta; use x. Done 50%%"
+    assert (
+        plain_help("See :class:`~trl.DPOConfig` and ``beta``; use `x`.\n  Done 50%")
+        == "See DPOConfig and beta; use x. Done 50%%"
+    )
 
 
 def test_generated_flags_parse_types_and_leave_absent_settings_unset():
@@ -112,7 +133,9 @@ def test_precedence_config_defaults_then_yaml_then_flags(tmp_path):
     from cdlm.cli.train_cmd import COMMAND
 
     COMMAND.add_arguments(parser)
-    args = parser.parse_args(["--output-dir", str(tmp_path / "o"), "--config", str(config), "--learning-rate", "0.002"])
+    args = parser.parse_args(
+        ["--output-dir", str(tmp_path / "o"), "--config", str(config), "--learning-rate", "0.002"]
+    )
     settings = COMMAND.resolve(args)
     assert settings.config.learning_rate == 0.002  # flag beats YAML
     assert settings.config.beta == 0.3 and settings.lora.lora_r == 4  # YAML beats defaults
@@ -146,7 +169,9 @@ def test_report_to_a_missing_logger_names_the_extra(tmp_path, capsys, monkeypatc
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
     assert main(["train", "--model", "x", "--output-dir", str(tmp_path / "o"), "--report-to", "tensorboard"]) == 2
     assert "cdlm[tensorboard]" in capsys.readouterr().err
 
@@ -163,8 +188,25 @@ def test_resume_refuses_changed_settings_and_continues_unchanged_ones(tmp_path, 
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in PAIRS) + "\n")
     out = tmp_path / "run"
-    base = ["train", "--model", str(tiny_model_dir), "--device", "cpu", "--dataset", str(data), "--output-dir", str(out),
-            "--max-length", "48", "--per-device-train-batch-size", "2", "--save-steps", "1", "--lora-r", "2"]
+    base = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-length",
+        "48",
+        "--per-device-train-batch-size",
+        "2",
+        "--save-steps",
+        "1",
+        "--lora-r",
+        "2",
+    ]
     assert main(base + ["--max-steps", "1"]) == 0
     recorded = json.loads((out / "cdlm_run.json").read_text())
     assert recorded["settings"]["lora_r"] == 2 and recorded["weights"].startswith("sha256:")
@@ -216,7 +258,9 @@ def test_help_imports_no_torch(tmp_path):
         "        pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
     )
-    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)  # fills the cache
+    subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )  # fills the cache
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stderr.strip().splitlines()[-1] == "NO-TORCH"
 

@@ -284,7 +284,9 @@ def test_amateur_in_another_dtype(tiny_llama, tiny_tokenizer):
     low = testing.tiny_llama(seed=1).to(torch.bfloat16)
     hp = dict(formulation="obrien-lewis", alpha=0.1, beta=0.5, tau=1.0)
     batch = _batch(tiny_tokenizer, PROMPTS[:2])
-    processor = ContrastiveDecodingLogitsProcessor(low, formulation="obrien-lewis", attention_mask=batch["attention_mask"])
+    processor = ContrastiveDecodingLogitsProcessor(
+        low, formulation="obrien-lewis", attention_mask=batch["attention_mask"]
+    )
     got = _generated(_cd_generate(tiny_llama, processor, batch, steps=6), batch)
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == naive_cd_greedy(tiny_llama, low, _prompt_ids(tiny_tokenizer, prompt), 6, **hp)

@@ -10,7 +10,13 @@ import torch
 
 from cdlm.alignment.rl import core
 from cdlm.alignment.rl.baselines import BaselineCache, BaselineSettings, generate_baselines
-from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward, as_trl_reward_func, extract_final_number, load_reward
+from cdlm.alignment.rl.rewards import (
+    ContrastiveReward,
+    GSM8KReward,
+    as_trl_reward_func,
+    extract_final_number,
+    load_reward,
+)
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,7 +36,10 @@ def length_reward(prompts, completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-@pytest.mark.parametrize(("aggregate", "expected"), [("mean", [3.0 - 1.5, 3.0 - 2.0]), ("median", [3.0 - 1.0, 1.0]), ("max", [3.0 - 4.0, 1.0])])
+@pytest.mark.parametrize(
+    ("aggregate", "expected"),
+    [("mean", [3.0 - 1.5, 3.0 - 2.0]), ("median", [3.0 - 1.0, 1.0]), ("max", [3.0 - 4.0, 1.0])],
+)
 def test_contrastive_reward_subtracts_aggregated_baseline(aggregate, expected):
     reward = ContrastiveReward(constant_reward(3.0), BASELINES, aggregate=aggregate)
     assert reward(["p1", "p2"], ["a", "b"]) == pytest.approx(expected)
@@ -68,7 +77,9 @@ def test_contrastive_baseline_cancels_in_grpo_and_rloo_but_not_in_ppo():
     baseline = torch.tensor([0.3, -1.2, 2.5]).repeat_interleave(size)  # one constant per prompt
     # scale_rewards="batch" is left out: a batch-level std changes with per-prompt shifts.
     for scale in ("group", "none"):
-        torch.testing.assert_close(core.grpo_advantages(rewards - baseline, size, scale), core.grpo_advantages(rewards, size, scale))
+        torch.testing.assert_close(
+            core.grpo_advantages(rewards - baseline, size, scale), core.grpo_advantages(rewards, size, scale)
+        )
     torch.testing.assert_close(core.rloo_advantages(rewards - baseline, size), core.rloo_advantages(rewards, size))
 
     # PPO: the critic's values do not know the baseline yet, so every token's advantage shifts by
@@ -90,7 +101,9 @@ def test_grpo_advantages_follow_trl_formula():
     # TRL: (r - group mean) / (unbiased group std + 1e-4); the last group has std 0.
     std = torch.tensor([0.5**0.5] * 4 + [0.0, 0.0])
     torch.testing.assert_close(advantages, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0]) / (std + 1e-4))
-    torch.testing.assert_close(core.rloo_advantages(torch.tensor([1.0, 2.0, 6.0]), 3), torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5]))
+    torch.testing.assert_close(
+        core.rloo_advantages(torch.tensor([1.0, 2.0, 6.0]), 3), torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5])
+    )
     with pytest.raises(ValueError, match="groups of 4"):
         core.grpo_advantages(torch.zeros(6), 4)
 
@@ -117,9 +130,15 @@ def test_gsm8k_reward():
     assert extract_final_number("no digits") is None
     reward = GSM8KReward()
     prompts = ["q1", "q2", "q3"]
-    assert reward(prompts, ["29 + 14 = 43", "The answer is 5.", "seven"], answer=[43, "#### 6", "7"]) == [1.0, 0.0, 0.0]
+    assert reward(prompts, ["29 + 14 = 43", "The answer is 5.", "seven"], answer=[43, "#### 6", "7"]) == [
+        1.0,
+        0.0,
+        0.0,
+    ]
     conversational = [[{"role": "assistant", "content": "43"}]]
-    assert GSM8KReward({"What?": "Natalia ... #### 43"})([[{"role": "user", "content": "What?"}]], conversational) == [1.0]
+    assert GSM8KReward({"What?": "Natalia ... #### 43"})([[{"role": "user", "content": "What?"}]], conversational) == [
+        1.0
+    ]
     with pytest.raises(ValueError, match="no reference answer"):
         reward(["q"], ["1"])
     assert isinstance(load_reward("rule:gsm8k"), GSM8KReward)
@@ -147,7 +166,9 @@ def test_baseline_cache_is_batched_resumable_and_checked(tmp_path):
     resumed = generate_baselines(model, tokenizer, prompts, length_reward, path, settings, batch_size=4)
     assert {p: resumed.responses(p) for p in resumed} == {p: cache.responses(p) for p in cache}
     with pytest.raises(ValueError, match="different settings"):
-        generate_baselines(model, tokenizer, prompts, length_reward, path, BaselineSettings(k=3, max_new_tokens=4, seed=3))
+        generate_baselines(
+            model, tokenizer, prompts, length_reward, path, BaselineSettings(k=3, max_new_tokens=4, seed=3)
+        )
     with pytest.raises(FileNotFoundError):
         BaselineCache(tmp_path / "missing.jsonl")
     header = json.loads(complete[0])
@@ -169,12 +190,24 @@ def test_contrastive_reward_runs_in_trl_grpo_and_warns(tmp_path):
     prompts = ["The quick brown", "A man is"]
     reward = ContrastiveReward(length_reward, {p: [1.0, 3.0] for p in prompts})
     args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=4, report_to=[], bf16=False, logging_steps=1, save_strategy="no",
+        output_dir=str(tmp_path / "grpo"),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=4,
+        report_to=[],
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
     )
     with pytest.warns(UserWarning, match="no effect with GRPO"):
-        trainer = GRPOTrainer(model=str(folder), reward_funcs=as_trl_reward_func(reward), args=args,
-                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer)
+        trainer = GRPOTrainer(
+            model=str(folder),
+            reward_funcs=as_trl_reward_func(reward),
+            args=args,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=tokenizer,
+        )
     trainer.train()
     assert trainer.state.global_step == 1
     assert len(reward.last_raw_rewards) == 4  # TRL called it with every completion of the step

@@ -19,13 +19,22 @@ def test_train_reward_model_with_trl_and_score(tmp_path):
     testing.tiny_llama(seed=0).save_pretrained(base)
     tokenizer = testing.tiny_tokenizer()
     tokenizer.save_pretrained(base)
-    pairs = Dataset.from_list([
-        {"prompt": f"Question {i}:", "chosen": " the answer is 4", "rejected": " no idea"} for i in range(8)
-    ])
+    pairs = Dataset.from_list(
+        [{"prompt": f"Question {i}:", "chosen": " the answer is 4", "rejected": " no idea"} for i in range(8)]
+    )
     with pytest.raises(ValueError, match="missing column"):
         train_reward_model(base, tokenizer, Dataset.from_list([{"chosen": "a"}]), tmp_path / "bad")
-    trainer = train_reward_model(base, tokenizer, pairs, tmp_path / "rm", max_steps=3, per_device_train_batch_size=4,
-                                 learning_rate=5e-3, max_length=64, lora_r=4)
+    trainer = train_reward_model(
+        base,
+        tokenizer,
+        pairs,
+        tmp_path / "rm",
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        max_length=64,
+        lora_r=4,
+    )
     assert trainer.state.global_step == 3
     reward = load_reward(str(tmp_path / "rm"))
     assert isinstance(reward, SequenceClassificationReward)

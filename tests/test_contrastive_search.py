@@ -84,11 +84,15 @@ def test_matches_naive_reference(tiny_tokenizer, family, alpha, k):
 
 def test_batched_equals_unbatched(tiny_tokenizer, tiny_llama):
     batch = _batch(tiny_tokenizer)
-    batched = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16)
+    batched = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16
+    )
     width = batch["input_ids"].shape[1]
     for i, prompt in enumerate(PROMPTS):
         single = tiny_tokenizer([prompt], return_tensors="pt")
-        alone = tiny_llama.generate(**single, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16)
+        alone = tiny_llama.generate(
+            **single, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=5, max_new_tokens=16
+        )
         new_alone = alone[0, single["input_ids"].shape[1] :].tolist()
         new_batched = batched[i, width:].tolist()
         assert new_batched[: len(new_alone)] == new_alone
@@ -100,8 +104,12 @@ def test_alpha_zero_and_top_k_one_are_greedy(tiny_tokenizer, model_name, request
     model = request.getfixturevalue(model_name)
     batch = _batch(tiny_tokenizer)
     greedy = model.generate(**batch, do_sample=False, max_new_tokens=20)
-    alpha_zero = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=6, max_new_tokens=20)
-    top_one = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.8, top_k=1, max_new_tokens=20)
+    alpha_zero = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=6, max_new_tokens=20
+    )
+    top_one = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.8, top_k=1, max_new_tokens=20
+    )
     assert alpha_zero.tolist() == greedy.tolist()
     assert top_one.tolist() == greedy.tolist()
 
@@ -140,12 +148,16 @@ def test_hyperparameters_from_generation_config(tiny_tokenizer, tiny_llama):
     from transformers import GenerationConfig
 
     batch = _batch(tiny_tokenizer)
-    direct = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.3, top_k=5, max_new_tokens=8)
+    direct = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.3, top_k=5, max_new_tokens=8
+    )
     config = GenerationConfig(**tiny_llama.generation_config.to_dict())
     config.penalty_alpha, config.top_k, config.max_new_tokens = 0.3, 5, 8
     via_config = tiny_llama.generate(**batch, generation_config=config, custom_generate=contrastive_search)
     defaults = tiny_llama.generate(**batch, custom_generate=contrastive_search, max_new_tokens=8)
-    explicit_defaults = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=8)
+    explicit_defaults = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=8
+    )
     assert via_config.tolist() == direct.tolist()
     assert defaults.tolist() == explicit_defaults.tolist()
 
@@ -164,7 +176,9 @@ def test_return_dict_scores_and_cache(tiny_tokenizer, tiny_llama):
         output_logits=True,
         output_hidden_states=True,
     )
-    plain = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=10, min_new_tokens=10)
+    plain = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=10, min_new_tokens=10
+    )
     assert out.sequences.tolist() == plain.tolist()
     assert len(out.scores) == len(out.logits) == 10 == len(out.hidden_states)
     assert out.scores[0].shape == (len(PROMPTS), tiny_llama.config.vocab_size)
@@ -178,7 +192,9 @@ def test_return_dict_scores_and_cache(tiny_tokenizer, tiny_llama):
 
 def test_eos_and_custom_stopping_criteria_per_row(tiny_tokenizer, tiny_llama):
     batch = _batch(tiny_tokenizer)
-    reference = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12)
+    reference = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12
+    )
     width = batch["input_ids"].shape[1]
     stop_token = reference[0, width + 2].item()
 
@@ -207,19 +223,30 @@ def test_eos_and_custom_stopping_criteria_per_row(tiny_tokenizer, tiny_llama):
 
 def test_plain_function_api_and_stop_strings(tiny_tokenizer, tiny_llama):
     batch = _batch(tiny_tokenizer)
-    via_generate = tiny_llama.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.4, top_k=3, max_new_tokens=12)
-    plain = contrastive_search_generate(tiny_llama, batch["input_ids"], batch["attention_mask"], penalty_alpha=0.4, top_k=3, max_new_tokens=12)
+    via_generate = tiny_llama.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.4, top_k=3, max_new_tokens=12
+    )
+    plain = contrastive_search_generate(
+        tiny_llama, batch["input_ids"], batch["attention_mask"], penalty_alpha=0.4, top_k=3, max_new_tokens=12
+    )
     assert plain.tolist() == via_generate.tolist()
     width = batch["input_ids"].shape[1]
     new_ids = via_generate[0, width:].tolist()
     # A clean word-like token generated after the first one: its text is the stop string.
     position, stop = next(
-        (i, tiny_tokenizer.decode([t]).strip()) for i, t in enumerate(new_ids)
+        (i, tiny_tokenizer.decode([t]).strip())
+        for i, t in enumerate(new_ids)
         if i > 0 and tiny_tokenizer.decode([t]).strip().isalpha() and len(tiny_tokenizer.decode([t]).strip()) >= 2
     )
     stopped = contrastive_search_generate(
-        tiny_llama, batch["input_ids"][:1], batch["attention_mask"][:1], penalty_alpha=0.4, top_k=3,
-        max_new_tokens=12, stop_strings=[stop], tokenizer=tiny_tokenizer,
+        tiny_llama,
+        batch["input_ids"][:1],
+        batch["attention_mask"][:1],
+        penalty_alpha=0.4,
+        top_k=3,
+        max_new_tokens=12,
+        stop_strings=[stop],
+        tokenizer=tiny_tokenizer,
     )
     stopped_ids = stopped[0, width:].tolist()
     assert stopped_ids == new_ids[: len(stopped_ids)]
@@ -267,17 +294,28 @@ def test_model_without_hidden_states_raises(tiny_tokenizer):
     model.load_state_dict(source.state_dict())
     model.generation_config = source.generation_config
     with pytest.raises(ValueError, match="hidden states"):
-        model.generate(**_batch(tiny_tokenizer), custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
+        model.generate(
+            **_batch(tiny_tokenizer), custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=4
+        )
 
 
 def test_registry_method_and_runner(tiny_tokenizer, tiny_llama):
     method_class = get_method("cs")
     assert method_class is ContrastiveSearchMethod
-    assert {p.name: (p.type, p.default) for p in method_class.params} == {"penalty_alpha": (float, 0.6), "top_k": (int, 4)}
+    assert {p.name: (p.type, p.default) for p in method_class.params} == {
+        "penalty_alpha": (float, 0.6),
+        "top_k": (int, 4),
+    }
     method = method_class(tiny_llama, tiny_tokenizer, penalty_alpha=0.5, top_k=3)
     assert method.describe() == {"method": "cs", "penalty_alpha": 0.5, "top_k": 3}
     generations, stats = run_generate(tiny_llama, tiny_tokenizer, PROMPTS, method, max_new_tokens=8, batch_size=2)
-    direct = tiny_llama.generate(**_batch(tiny_tokenizer, PROMPTS[:2]), custom_generate=contrastive_search, penalty_alpha=0.5, top_k=3, max_new_tokens=8)
+    direct = tiny_llama.generate(
+        **_batch(tiny_tokenizer, PROMPTS[:2]),
+        custom_generate=contrastive_search,
+        penalty_alpha=0.5,
+        top_k=3,
+        max_new_tokens=8,
+    )
     width = _batch(tiny_tokenizer, PROMPTS[:2])["input_ids"].shape[1]
     first = [t for t in direct[0, width:].tolist() if t not in (0, 2)]
     assert generations[0].token_ids == first[: len(generations[0].token_ids)]
@@ -303,7 +341,11 @@ def test_layouts_match_naive_reference_with_long_prompts(tiny_tokenizer, family,
     with torch.no_grad():
         expected = naive_contrastive_search(model, batch["input_ids"], batch["attention_mask"], 0.6, 4, 12, 2, 0)
     got = model.generate(
-        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=12,
+        **batch,
+        custom_generate=contrastive_search,
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=12,
         candidate_layout=layout,
     )
     assert got.tolist() == expected.tolist()
@@ -337,8 +379,14 @@ def test_shared_context_cache_holds_only_the_winners(tiny_tokenizer, model_name,
     model = request.getfixturevalue(model_name)
     batch = _batch(tiny_tokenizer, LONG_PROMPTS)
     out = model.generate(
-        **batch, custom_generate=contrastive_search, penalty_alpha=0.6, top_k=4, max_new_tokens=10, min_new_tokens=10,
-        return_dict_in_generate=True, candidate_layout="shared_context",
+        **batch,
+        custom_generate=contrastive_search,
+        penalty_alpha=0.6,
+        top_k=4,
+        max_new_tokens=10,
+        min_new_tokens=10,
+        return_dict_in_generate=True,
+        candidate_layout="shared_context",
     )
     cache = out.past_key_values
     covered = cache.get_seq_length()  # sequences[:, :-1], or all of it where a full sliding window can't be cropped
@@ -482,7 +530,10 @@ _RUN_MARKS = {(0.6, 4, "auto"): [pytest.mark.real_model]}
     ("penalty_alpha", "top_k", "layout"),
     [
         pytest.param(
-            a, k, layout, marks=_RUN_MARKS.get((a, k, layout), [pytest.mark.real_model, pytest.mark.slow]),
+            a,
+            k,
+            layout,
+            marks=_RUN_MARKS.get((a, k, layout), [pytest.mark.real_model, pytest.mark.slow]),
             id=f"alpha{a}-k{k}-{layout}",
         )
         for layout in ("auto", "row_per_candidate")
@@ -541,5 +592,7 @@ def test_real_gemma3_batched_and_greedy_limit(gemma3):
         alone = model.generate(**single, **kwargs)[0, single["input_ids"].shape[1] :].tolist()
         assert batched[i, width : width + len(alone)].tolist() == alone
     greedy = model.generate(**batch, do_sample=False, max_new_tokens=16)
-    alpha_zero = model.generate(**batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=4, max_new_tokens=16)
+    alpha_zero = model.generate(
+        **batch, custom_generate=contrastive_search, penalty_alpha=0.0, top_k=4, max_new_tokens=16
+    )
     assert alpha_zero.tolist() == greedy.tolist()

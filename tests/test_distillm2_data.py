@@ -47,8 +47,9 @@ def _settings(**kwargs):
 
 def test_pairs_hold_teacher_and_student_responses(tmp_path, tok, teacher, student):
     out = tmp_path / "pairs.jsonl"
-    rows = generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out,
-                          settings=_settings(), batch_size=3)
+    rows = generate_pairs(
+        PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(), batch_size=3
+    )
     assert [r["prompt"] for r in rows] == PROMPTS
     meta = json.loads(settings_path(out).read_text())
     assert meta["max_new_tokens"] == 12 and meta["teacher_sampling"]["do_sample"] is False
@@ -78,40 +79,79 @@ def test_mean_logprobs_matches_a_direct_computation(tok, teacher):
 
 def test_generation_resumes_and_skips_done_prompts(tmp_path, tok, teacher, student):
     out = tmp_path / "pairs.jsonl"
-    generate_pairs(PROMPTS[:2], teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(), batch_size=2)
+    generate_pairs(
+        PROMPTS[:2], teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(), batch_size=2
+    )
     first = out.read_text().splitlines()
     calls = []
-    rows = generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(),
-                          batch_size=2, on_batch=lambda done, total: calls.append(done))
+    rows = generate_pairs(
+        PROMPTS,
+        teacher=teacher,
+        student=student,
+        tokenizer=tok,
+        output=out,
+        settings=_settings(),
+        batch_size=2,
+        on_batch=lambda done, total: calls.append(done),
+    )
     lines = out.read_text().splitlines()
     assert lines[:2] == first and len(lines) == 4
     assert calls == [4]  # one batch: only the two new prompts were generated
     assert [r["prompt"] for r in rows] == PROMPTS
     # a finished file: nothing to do
-    generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(), batch_size=2)
+    generate_pairs(
+        PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out, settings=_settings(), batch_size=2
+    )
     assert len(read_pairs(out)) == 4
     with pytest.raises(ValueError, match="max_new_tokens"):
-        generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=out,
-                       settings=_settings(max_new_tokens=5), batch_size=2)
+        generate_pairs(
+            PROMPTS,
+            teacher=teacher,
+            student=student,
+            tokenizer=tok,
+            output=out,
+            settings=_settings(max_new_tokens=5),
+            batch_size=2,
+        )
 
 
 def test_sampled_student_responses_are_reproducible(tmp_path, tok, teacher, student):
     settings = _settings(student_sampling=SamplingSettings(temperature=1.0), seed=3)
-    a = generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "a.jsonl", settings=settings)
-    b = generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "b.jsonl", settings=settings)
+    a = generate_pairs(
+        PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "a.jsonl", settings=settings
+    )
+    b = generate_pairs(
+        PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "b.jsonl", settings=settings
+    )
     assert [r["rejected_ids"] for r in a] == [r["rejected_ids"] for r in b]
 
 
 def test_bad_prompt_sets_and_tokenizers_are_clear_errors(tmp_path, tok, teacher, student):
     with pytest.raises(ValueError, match="prompt set is empty"):
-        generate_pairs([], teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "x.jsonl", settings=_settings())
+        generate_pairs(
+            [], teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "x.jsonl", settings=_settings()
+        )
     with pytest.raises(ValueError, match="empty or whitespace"):
-        generate_pairs(["ok", "  "], teacher=teacher, student=student, tokenizer=tok, output=tmp_path / "x.jsonl", settings=_settings())
+        generate_pairs(
+            ["ok", "  "],
+            teacher=teacher,
+            student=student,
+            tokenizer=tok,
+            output=tmp_path / "x.jsonl",
+            settings=_settings(),
+        )
     from cdlm.models.amateur import TokenizerMismatchError
 
     with pytest.raises(TokenizerMismatchError):
-        generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, student_tokenizer=testing.tiny_tokenizer(320),
-                       output=tmp_path / "x.jsonl", settings=_settings())
+        generate_pairs(
+            PROMPTS,
+            teacher=teacher,
+            student=student,
+            tokenizer=tok,
+            student_tokenizer=testing.tiny_tokenizer(320),
+            output=tmp_path / "x.jsonl",
+            settings=_settings(),
+        )
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
@@ -135,7 +175,10 @@ def test_read_prompts_from_jsonl(tmp_path):
 def model_dirs(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("distill_cli")
     dirs = {}
-    for name, model in (("teacher", testing.tiny_llama(seed=0)), ("student", testing.tiny_llama(seed=1, hidden_size=32, num_layers=2))):
+    for name, model in (
+        ("teacher", testing.tiny_llama(seed=0)),
+        ("student", testing.tiny_llama(seed=1, hidden_size=32, num_layers=2)),
+    ):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         dirs[name] = str(root / name)
@@ -147,13 +190,53 @@ def test_cli_generate_then_train_saves_a_loadable_amateur(tmp_path, model_dirs, 
     prompts.write_text("\n".join(PROMPTS) + "\n")
     pairs = tmp_path / "pairs.jsonl"
     common = ["--teacher", model_dirs["teacher"], "--student", model_dirs["student"], "--device", "cpu"]
-    assert main(["distill", "generate", *common, "--prompts-file", str(prompts), "--output", str(pairs),
-                 "--max-new-tokens", "8", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "generate",
+                *common,
+                "--prompts-file",
+                str(prompts),
+                "--output",
+                str(pairs),
+                "--max-new-tokens",
+                "8",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pairs"] == 4
     out = tmp_path / "student-out"
-    assert main(["distill", "train", *common, "--pairs", str(pairs), "--eval-pairs", str(pairs), "--output-dir", str(out),
-                 "--max-steps", "3", "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--lora-r", "0",
-                 "--adaptive-alpha", "--beta-schedule", "linear"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "train",
+                *common,
+                "--pairs",
+                str(pairs),
+                "--eval-pairs",
+                str(pairs),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "3",
+                "--per-device-train-batch-size",
+                "2",
+                "--learning-rate",
+                "1e-2",
+                "--lora-r",
+                "0",
+                "--adaptive-alpha",
+                "--beta-schedule",
+                "linear",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "distill_report.json").read_text())
     assert report["after"]["kl_teacher_responses"] < report["before"]["kl_teacher_responses"]
     from cdlm.models import load_amateur, load_model
@@ -165,13 +248,31 @@ def test_cli_generate_then_train_saves_a_loadable_amateur(tmp_path, model_dirs, 
 
 @pytest.mark.parametrize(
     "flags,message",
-    [(["--alpha", "0"], "alpha"), (["--alpha", "1.2"], "alpha"), (["--beta", "-0.5"], "beta"), (["--beta", "2"], "beta")],
+    [
+        (["--alpha", "0"], "alpha"),
+        (["--alpha", "1.2"], "alpha"),
+        (["--beta", "-0.5"], "beta"),
+        (["--beta", "2"], "beta"),
+    ],
 )
 def test_cli_rejects_bad_alpha_and_beta_in_one_line(tmp_path, model_dirs, capsys, flags, message):
     pairs = tmp_path / "p.jsonl"
     pairs.write_text("")
-    code = main(["distill", "train", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"],
-                 "--pairs", str(pairs), "--output-dir", str(tmp_path / "o"), *flags])
+    code = main(
+        [
+            "distill",
+            "train",
+            "--teacher",
+            model_dirs["teacher"],
+            "--student",
+            model_dirs["student"],
+            "--pairs",
+            str(pairs),
+            "--output-dir",
+            str(tmp_path / "o"),
+            *flags,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "cdlm distill: error:" in err and message in err
@@ -180,6 +281,18 @@ def test_cli_rejects_bad_alpha_and_beta_in_one_line(tmp_path, model_dirs, capsys
 def test_cli_rejects_an_empty_prompt_file(tmp_path, model_dirs, capsys):
     prompts = tmp_path / "none.txt"
     prompts.write_text("")
-    code = main(["distill", "generate", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"],
-                 "--prompts-file", str(prompts), "--output", str(tmp_path / "p.jsonl")])
+    code = main(
+        [
+            "distill",
+            "generate",
+            "--teacher",
+            model_dirs["teacher"],
+            "--student",
+            model_dirs["student"],
+            "--prompts-file",
+            str(prompts),
+            "--output",
+            str(tmp_path / "p.jsonl"),
+        ]
+    )
     assert code == 2 and "empty" in capsys.readouterr().err

@@ -211,9 +211,17 @@ def test_chunking_gives_the_same_values_and_gradients(divergence):
         s = s_h.detach().clone().requires_grad_(True)
         head_s.zero_grad()
         stats = chunked_sequence_stats(
-            student_hidden=s, teacher_hidden=t_h, labels=labels, seq_index=seq_index, num_sequences=4,
-            student_logits_fn=head_s, teacher_logits_fn=head_t, divergence=divergence, alpha=alpha,
-            chunk_size=chunk, recompute=recompute,
+            student_hidden=s,
+            teacher_hidden=t_h,
+            labels=labels,
+            seq_index=seq_index,
+            num_sequences=4,
+            student_logits_fn=head_s,
+            teacher_logits_fn=head_t,
+            divergence=divergence,
+            alpha=alpha,
+            chunk_size=chunk,
+            recompute=recompute,
         )
         (stats["divergence"] / stats["count"].clamp_min(1)).sum().backward()
         results.append((stats, s.grad.clone(), head_s.weight.grad.clone()))
@@ -232,5 +240,7 @@ def test_chunking_gives_the_same_values_and_gradients(divergence):
         expected = torch.zeros(4).index_add(0, seq_index, per_token)
         s_lp = torch.log_softmax(s_logits, -1).gather(-1, labels[:, None]).squeeze(-1)
     torch.testing.assert_close(reference[0]["divergence"].detach(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reference[0]["student_logp"].detach(), torch.zeros(4).index_add(0, seq_index, s_lp), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        reference[0]["student_logp"].detach(), torch.zeros(4).index_add(0, seq_index, s_lp), atol=1e-5, rtol=1e-5
+    )
     assert reference[0]["count"].sum().item() == labels.numel()

@@ -8,17 +8,24 @@ import pytest
 import torch
 
 from cdlm import testing
-from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs
 from cdlm.alignment.distill.config import DistiLLM2Config
 from cdlm.alignment.distill.dataset import DistiLLM2Collator
+from cdlm.alignment.distill.losses import adaptive_alpha, forward_kl, likelihood_gap, skew_kl, skew_reverse_kl
 from cdlm.alignment.distill.metrics import distillation_metrics
+from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs
 from cdlm.alignment.distill.trainer import DistiLLM2Trainer
-from cdlm.alignment.distill.losses import adaptive_alpha, likelihood_gap, skew_kl, skew_reverse_kl, forward_kl
 from cdlm.models.amateur import TokenizerMismatchError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPTS = ["What is 2+2?", "Tell me about the fox.", "How do I bake bread?", "Count to five.", "Name a colour.", "Why is the sky blue?"]
+PROMPTS = [
+    "What is 2+2?",
+    "Tell me about the fox.",
+    "How do I bake bread?",
+    "Count to five.",
+    "Name a colour.",
+    "Why is the sky blue?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +42,25 @@ def pairs(tmp_path_factory, tok):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return generate_pairs(PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=path, settings=settings, batch_size=3)
+        return generate_pairs(
+            PROMPTS, teacher=teacher, student=student, tokenizer=tok, output=path, settings=settings, batch_size=3
+        )
     finally:
         torch.set_num_threads(threads)
 
 
 def _config(tmp_path, **kwargs):
-    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, per_device_eval_batch_size=3,
-                learning_rate=5e-3, save_strategy="no", use_cpu=True, report_to=[], logging_steps=1, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=3,
+        per_device_eval_batch_size=3,
+        learning_rate=5e-3,
+        save_strategy="no",
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        seed=0,
+    )
     base.update(kwargs)
     return DistiLLM2Config(**base)
 
@@ -80,17 +98,28 @@ def _oracle_loss(student, teacher, batch, loss_type, alpha, beta, adaptive=False
     if loss_type == "fkl":
         return seq_mean(forward_kl(t_logits, s_logits), chosen).mean()
     skl = ((skew_kl(t_logits[chosen], s_logits[chosen], a_c) * target[chosen]).sum(-1) / target[chosen].sum(-1)).mean()
-    srkl = ((skew_reverse_kl(t_logits[rejected], s_logits[rejected], a_r) * target[rejected]).sum(-1) / target[rejected].sum(-1)).mean()
+    srkl = (
+        (skew_reverse_kl(t_logits[rejected], s_logits[rejected], a_r) * target[rejected]).sum(-1)
+        / target[rejected].sum(-1)
+    ).mean()
     return (1 - beta) * skl + beta * srkl
 
 
 @pytest.mark.parametrize(
     "loss_type,beta,adaptive",
-    [("distillm2", 0.5, False), ("distillm2", 0.3, True), ("cald", 0.9, False), ("fkl", 0.5, False), ("srkl", 0.5, False)],
+    [
+        ("distillm2", 0.5, False),
+        ("distillm2", 0.3, True),
+        ("cald", 0.9, False),
+        ("fkl", 0.5, False),
+        ("srkl", 0.5, False),
+    ],
 )
 def test_trainer_loss_matches_full_logits_oracle(tmp_path, tok, pairs, loss_type, beta, adaptive):
     teacher, student = _models()
-    config = _config(tmp_path, loss_type=loss_type, beta=beta, adaptive_alpha=adaptive, alpha=0.2, chunk_size=4, max_steps=1)
+    config = _config(
+        tmp_path, loss_type=loss_type, beta=beta, adaptive_alpha=adaptive, alpha=0.2, chunk_size=4, max_steps=1
+    )
     rows = copy.deepcopy(pairs[:3])
     if adaptive:  # anchors that differ from the current gaps, so alpha really varies per sample
         for row, shift in zip(rows, (0.0, -0.3, 0.4)):
@@ -115,7 +144,9 @@ def test_trainer_loss_matches_full_logits_oracle(tmp_path, tok, pairs, loss_type
 @pytest.mark.parametrize("loss_type", ["distillm2", "fkl"])
 def test_training_brings_the_student_closer_to_the_teacher(tmp_path, tok, pairs, loss_type):
     teacher, student = _models()
-    config = _config(tmp_path, loss_type=loss_type, max_steps=12, learning_rate=1e-2, beta_schedule="linear", adaptive_alpha=True)
+    config = _config(
+        tmp_path, loss_type=loss_type, max_steps=12, learning_rate=1e-2, beta_schedule="linear", adaptive_alpha=True
+    )
     before = distillation_metrics(student, teacher, pairs, pad_token_id=tok.pad_token_id)
     trainer = DistiLLM2Trainer(student, teacher, args=config, train_dataset=pairs, processing_class=tok)
     trainer.train()
@@ -137,7 +168,9 @@ def test_lora_trains_only_the_adapter(tmp_path, tok, pairs):
     original = {n: p.detach().clone() for n, p in student.named_parameters()}
     config = _config(tmp_path, max_steps=3, learning_rate=5e-2)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = DistiLLM2Trainer(student, teacher, args=config, train_dataset=pairs, processing_class=tok, peft_config=peft_config)
+    trainer = DistiLLM2Trainer(
+        student, teacher, args=config, train_dataset=pairs, processing_class=tok, peft_config=peft_config
+    )
     trainer.train()
     merged = trainer.model.merge_and_unload()
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, original[n])]
@@ -152,7 +185,9 @@ def test_padded_teacher_head_uses_the_common_vocabulary(tmp_path, tok, pairs):
     batch = DistiLLM2Collator(tok.pad_token_id)(rows)
     losses = []
     for t in (teacher, padded):
-        trainer = DistiLLM2Trainer(copy.deepcopy(student), t, args=_config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tok)
+        trainer = DistiLLM2Trainer(
+            copy.deepcopy(student), t, args=_config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tok
+        )
         assert trainer.vocab_size == 384
         losses.append(trainer.compute_loss(trainer.model, batch).item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
@@ -165,15 +200,29 @@ def test_vocabulary_mismatches_are_clear_errors(tmp_path, tok, pairs):
         DistiLLM2Trainer(small, teacher, args=_config(tmp_path), train_dataset=pairs, processing_class=tok)
     other = testing.tiny_tokenizer(vocab_size=320)
     with pytest.raises(TokenizerMismatchError, match="teacher"):
-        DistiLLM2Trainer(testing.tiny_llama(seed=1), teacher, args=_config(tmp_path), train_dataset=pairs,
-                         processing_class=tok, teacher_processing_class=other)
+        DistiLLM2Trainer(
+            testing.tiny_llama(seed=1),
+            teacher,
+            args=_config(tmp_path),
+            train_dataset=pairs,
+            processing_class=tok,
+            teacher_processing_class=other,
+        )
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"), ({"alpha": -0.2}, "alpha"), ({"beta": -0.1}, "beta"),
-     ({"beta": 1.5}, "beta"), ({"loss_type": "jsd"}, "loss_type"), ({"beta_schedule": "cosine"}, "beta_schedule"),
-     ({"chunk_size": 0}, "chunk_size"), ({"adaptive_alpha": True, "alpha_min": 0.5}, "alpha_min")],
+    [
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.0}, "alpha"),
+        ({"alpha": -0.2}, "alpha"),
+        ({"beta": -0.1}, "beta"),
+        ({"beta": 1.5}, "beta"),
+        ({"loss_type": "jsd"}, "loss_type"),
+        ({"beta_schedule": "cosine"}, "beta_schedule"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"adaptive_alpha": True, "alpha_min": 0.5}, "alpha_min"),
+    ],
 )
 def test_config_rejects_bad_values(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -185,13 +234,17 @@ def test_empty_or_malformed_datasets_are_rejected(tmp_path, tok, pairs):
     with pytest.raises(ValueError, match="empty"):
         DistiLLM2Trainer(student, teacher, args=_config(tmp_path), train_dataset=[], processing_class=tok)
     with pytest.raises(ValueError, match="missing"):
-        DistiLLM2Trainer(student, teacher, args=_config(tmp_path), train_dataset=[{"prompt": "x"}], processing_class=tok)
+        DistiLLM2Trainer(
+            student, teacher, args=_config(tmp_path), train_dataset=[{"prompt": "x"}], processing_class=tok
+        )
 
 
 def test_text_rows_are_tokenised_with_eos(tmp_path, tok):
     teacher, student = _models()
     rows = [{"prompt": "Question: what is 2+2?", "chosen": " 4", "rejected": " 5"}] * 3
-    trainer = DistiLLM2Trainer(student, teacher, args=_config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tok)
+    trainer = DistiLLM2Trainer(
+        student, teacher, args=_config(tmp_path, max_steps=1), train_dataset=rows, processing_class=tok
+    )
     row = trainer.train_dataset[0]
     assert row["chosen_ids"][-1] == tok.eos_token_id
     assert tok.decode(row["chosen_ids"][:-1]) == " 4"
@@ -200,8 +253,9 @@ def test_text_rows_are_tokenised_with_eos(tmp_path, tok):
 
 def test_on_policy_resampling_replaces_student_responses(tmp_path, tok, pairs):
     teacher, student = _models()
-    config = _config(tmp_path, num_train_epochs=2, resample_student_every_epoch=True, resample_max_new_tokens=6,
-                     adaptive_alpha=True)
+    config = _config(
+        tmp_path, num_train_epochs=2, resample_student_every_epoch=True, resample_max_new_tokens=6, adaptive_alpha=True
+    )
     trainer = DistiLLM2Trainer(student, teacher, args=config, train_dataset=copy.deepcopy(pairs), processing_class=tok)
     before = [list(r["rejected_ids"]) for r in trainer.train_dataset.rows]
     trainer.train()

@@ -74,8 +74,12 @@ def _write_tiny_gguf(path: Path, add_bos: bool = False) -> None:
         p = f"model.layers.{i}."
         writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"].numpy())
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"].numpy())
-        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(state[p + "self_attn.q_proj.weight"], config.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(state[p + "self_attn.k_proj.weight"], config.num_key_value_heads))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight", permute(state[p + "self_attn.q_proj.weight"], config.num_attention_heads)
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight", permute(state[p + "self_attn.k_proj.weight"], config.num_key_value_heads)
+        )
         writer.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"].numpy())
         writer.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"].numpy())
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"].numpy())

@@ -116,7 +116,9 @@ def test_evaluate_runs_the_task_and_resumes_without_regenerating(tmp_path, tiny_
 
     loaded = _Loaded(tiny_llama, tiny_tokenizer)
     method = get_method("greedy")(tiny_llama, tiny_tokenizer)
-    config = EvalConfig(task="openended", limit=4, max_new_tokens=6, batch_size=2, extra={"split": "dev", "judge": "none"})
+    config = EvalConfig(
+        task="openended", limit=4, max_new_tokens=6, batch_size=2, extra={"split": "dev", "judge": "none"}
+    )
     first = evaluate(loaded, method, config, tmp_path / "run", progress=lambda _: None)
     assert first["n_samples"] == 4 and first["timing"]["examples_this_run"] == 4
     diversity = first["results"]["diversity"]

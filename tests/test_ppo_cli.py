@@ -26,7 +26,10 @@ def tiny_model_dir(tmp_path_factory):
         (["--reward", "rule:gsm8k", "--contrastive-k", "0"], "contrastive_k must be >= 1"),
         (["--reward", "/no/such/model"], "reward model '/no/such/model' not found"),
         (["--reward", "rule:gsm8k", "--prompts-file", "/no/such.jsonl"], "prompts file"),
-        (["--reward", "rule:gsm8k", "--rollout-batch-size", "3", "--mini-batch-size", "2"], "multiple of mini_batch_size"),
+        (
+            ["--reward", "rule:gsm8k", "--rollout-batch-size", "3", "--mini-batch-size", "2"],
+            "multiple of mini_batch_size",
+        ),
     ],
 )
 def test_rl_bad_input(extra, message, capsys, tmp_path):
@@ -38,11 +41,31 @@ def test_rl_contrastive_end_to_end(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": i + 1}) for i in range(2)))
     out = tmp_path / "run"
-    code = main([
-        "rl", "--model", tiny_model_dir, "--reward", "rule:gsm8k", "--contrastive-k", "2", "--prompts-file", str(prompts),
-        "--num-iterations", "2", "--rollout-batch-size", "2", "--mini-batch-size", "1", "--max-new-tokens", "4",
-        "--output-dir", str(out), "--lora-r", "2",
-    ])
+    code = main(
+        [
+            "rl",
+            "--model",
+            tiny_model_dir,
+            "--reward",
+            "rule:gsm8k",
+            "--contrastive-k",
+            "2",
+            "--prompts-file",
+            str(prompts),
+            "--num-iterations",
+            "2",
+            "--rollout-batch-size",
+            "2",
+            "--mini-batch-size",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--output-dir",
+            str(out),
+            "--lora-r",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])

@@ -40,7 +40,12 @@ def test_gae_with_lambda_zero_is_one_step_td():
 
 def _direct_policy_loss(logprobs, old_logprobs, advantages, mask, eps):
     total, count = 0.0, 0
-    for lp, old, adv, m in zip(logprobs.flatten().tolist(), old_logprobs.flatten().tolist(), advantages.flatten().tolist(), mask.flatten().tolist()):
+    for lp, old, adv, m in zip(
+        logprobs.flatten().tolist(),
+        old_logprobs.flatten().tolist(),
+        advantages.flatten().tolist(),
+        mask.flatten().tolist(),
+    ):
         if m:
             ratio = math.exp(lp - old)
             total += -min(ratio * adv, min(max(ratio, 1 - eps), 1 + eps) * adv)

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig
 
 from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
-from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
 from cdlm.alignment.rl.problems import arithmetic_problems
 from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
+from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
 from cdlm.models.registry import get_registered
 
 pytestmark = pytest.mark.real_model
@@ -35,11 +35,25 @@ def test_contrastive_ppo_iteration_on_smollm2(fresh_smollm2, tmp_path):
     model, tokenizer = fresh_smollm2
     rows = arithmetic_problems(2, seed=0)
     reward = GSM8KReward()
-    cache = generate_baselines(model, tokenizer, rows, reward, tmp_path / "b.jsonl",
-                               BaselineSettings(k=2, max_new_tokens=8, temperature=0.7), batch_size=4)
+    cache = generate_baselines(
+        model,
+        tokenizer,
+        rows,
+        reward,
+        tmp_path / "b.jsonl",
+        BaselineSettings(k=2, max_new_tokens=8, temperature=0.7),
+        batch_size=4,
+    )
     assert len(cache) == 2
-    config = PPOConfig(output_dir=str(tmp_path / "ppo"), num_iterations=1, rollout_batch_size=2, mini_batch_size=1,
-                       ppo_epochs=1, max_new_tokens=8, learning_rate=1e-4)
+    config = PPOConfig(
+        output_dir=str(tmp_path / "ppo"),
+        num_iterations=1,
+        rollout_batch_size=2,
+        mini_batch_size=1,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        learning_rate=1e-4,
+    )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     trainer = PPOTrainer(model, config, tokenizer, ContrastiveReward(reward, cache), rows, peft_config=lora)
     record = trainer.train()[0]

@@ -1,6 +1,7 @@
 """Train-time contrast on TRL + PEFT, in three families:
 
-- :mod:`cdlm.alignment.preference`: DPO, APO-zero, APO-down, CPO, SparsePO (``PreferenceConfig`` + ``PreferenceTrainer``).
+- :mod:`cdlm.alignment.preference`: DPO, APO-zero, APO-down, CPO, SparsePO
+  (``PreferenceConfig`` + ``PreferenceTrainer``).
 - :mod:`cdlm.alignment.distill`: DistiLLM-2 contrastive distillation (``DistiLLM2Config`` + ``DistiLLM2Trainer``).
 - :mod:`cdlm.alignment.rl`: PPO with contrastive rewards (``PPOConfig`` + ``PPOTrainer``) and reward functions.
 

@@ -15,9 +15,15 @@ if TYPE_CHECKING:  # loading imports torch: only inside the functions that load
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, GGUF file, folder or hub id (default: {DEFAULT_MODEL})")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registered name, GGUF file, folder or hub id (default: {DEFAULT_MODEL})",
+    )
     group.add_argument("--gguf-file", default=None, help="GGUF file name inside --model's folder or hub repo")
-    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)")
+    group.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)"
+    )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     add_runtime_arguments(group)
 
@@ -29,7 +35,9 @@ def add_runtime_arguments(group) -> None:
     """Flags every command that runs a model takes: CPU threads, tracebacks, progress bars."""
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     group.add_argument("--debug", action="store_true", help="show full tracebacks")
-    group.add_argument("--verbose", action="store_true", help="show library progress bars (tokenizing, weight loading)")
+    group.add_argument(
+        "--verbose", action="store_true", help="show library progress bars (tokenizing, weight loading)"
+    )
 
 
 def apply_runtime_arguments(args: argparse.Namespace) -> None:
@@ -64,10 +72,14 @@ def _method_params() -> dict[str, list[tuple[str, Param]]]:
 def add_method_arguments(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
     group = parser.add_argument_group("decoding method")
     if multiple:
-        group.add_argument("--method", action="append", default=None, help="decoding method; repeat to compare (default: greedy)")
+        group.add_argument(
+            "--method", action="append", default=None, help="decoding method; repeat to compare (default: greedy)"
+        )
     else:
         group.add_argument("--method", default="greedy", help="decoding method (default: greedy)")
-    group.add_argument("--amateur", default=None, help="amateur for contrastive methods: 'early-exit:N' or a model reference")
+    group.add_argument(
+        "--amateur", default=None, help="amateur for contrastive methods: 'early-exit:N' or a model reference"
+    )
     for uses in _method_params().values():
         first = uses[0][1]
         if any(param.type is not first.type for _, param in uses):
@@ -104,7 +116,10 @@ def load_from_args(args: argparse.Namespace) -> LoadedModel:
 
     loaded = load_model(args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
     cache = {None: "", True: ", cache hit", False: ", cache built"}[loaded.cache_hit]
-    progress(f"loaded {loaded.source} in {loaded.load_seconds:.1f}s{cache} ({loaded.details['device']}, {loaded.details['dtype']})")
+    progress(
+        f"loaded {loaded.source} in {loaded.load_seconds:.1f}s{cache} "
+        f"({loaded.details['device']}, {loaded.details['dtype']})"
+    )
     return loaded
 
 
@@ -132,7 +147,9 @@ def generator_from_args(args: argparse.Namespace, **engine_options):
     layer = parse_early_exit(args.amateur) if getattr(args, "amateur", None) else None
     if layer is not None:
         engine_options.setdefault("early_exit_layers", [layer])
-    engine = load_vllm(args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size, **engine_options)
+    engine = load_vllm(
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, max_num_seqs=args.batch_size, **engine_options
+    )
     return runner_compatible(engine)
 
 

@@ -141,7 +141,9 @@ def field_specs(config_class: type, names: tuple[str, ...] | None = None) -> lis
             default = None
         if isinstance(default, enum.Enum):
             default = default.value
-        specs.append(FieldSpec(item.name, kind, default, plain_help(item.metadata.get("help", "")), choices, multiple, optional))
+        specs.append(
+            FieldSpec(item.name, kind, default, plain_help(item.metadata.get("help", "")), choices, multiple, optional)
+        )
     return specs
 
 

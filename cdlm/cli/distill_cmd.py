@@ -23,7 +23,11 @@ def register(subparsers) -> None:
     gen = actions.add_parser("generate", help="generate one teacher and one student response per prompt (resumable)")
     _add_models(gen)
     gen.add_argument("--prompts-file", required=True, help="text file (one prompt per line) or JSON lines")
-    gen.add_argument("--prompt-field", default=None, help="JSON-lines field holding the prompt (default: prompt/question/instruction)")
+    gen.add_argument(
+        "--prompt-field",
+        default=None,
+        help="JSON-lines field holding the prompt (default: prompt/question/instruction)",
+    )
     gen.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     gen.add_argument("--output", required=True, help="pair file to write/append (JSON lines)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -33,10 +37,19 @@ def register(subparsers) -> None:
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap prompts in the chat template")
-    gen.add_argument("--no-score", dest="score", action="store_false", help="skip the log-prob anchors (adaptive alpha then computes them)")
-    gen.add_argument("--backend", choices=("transformers", "vllm"), default="transformers",
-                     help="generate the responses with transformers (default) or vLLM (needs cdlm[vllm]; teacher and "
-                     "student must be servable references: registered names, GGUF files or folders)")
+    gen.add_argument(
+        "--no-score",
+        dest="score",
+        action="store_false",
+        help="skip the log-prob anchors (adaptive alpha then computes them)",
+    )
+    gen.add_argument(
+        "--backend",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="generate the responses with transformers (default) or vLLM (needs cdlm[vllm]; teacher and "
+        "student must be servable references: registered names, GGUF files or folders)",
+    )
     gen.set_defaults(func=run_generate)
 
     train = actions.add_parser(
@@ -55,11 +68,15 @@ class DistillDataArguments:
     """Which pair files ``cdlm distill train`` reads."""
 
     pairs: str | None = field(default=None, metadata={"help": "pair file from `cdlm distill generate` (required)"})
-    eval_pairs: str | None = field(default=None, metadata={"help": "held-out pair file: agreement metrics before/after"})
+    eval_pairs: str | None = field(
+        default=None, metadata={"help": "held-out pair file: agreement metrics before/after"}
+    )
 
 
 TRAIN_COMMAND = TrainingCommand(
-    name="distill train", config_class="cdlm.alignment.distill.config:DistiLLM2Config", config_fields=("max_length",),
+    name="distill train",
+    config_class="cdlm.alignment.distill.config:DistiLLM2Config",
+    config_fields=("max_length",),
     data_class=DistillDataArguments,
 )
 
@@ -67,8 +84,12 @@ TRAIN_COMMAND = TrainingCommand(
 def _add_models(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--teacher", required=True, help="teacher: registered name, folder, GGUF file or hub id")
-    group.add_argument("--student", required=True, help="student (shares the teacher's tokenizer): same kinds of reference")
-    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)")
+    group.add_argument(
+        "--student", required=True, help="student (shares the teacher's tokenizer): same kinds of reference"
+    )
+    group.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="weights dtype (default: auto = float32 on CPU)"
+    )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     add_runtime_arguments(group)
 
@@ -80,7 +101,10 @@ def _load_pair(args: argparse.Namespace, *, student_dtype: str | None = None):
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device)
     student = load_model(args.student, dtype=student_dtype or args.dtype, device=args.device)
     check_same_vocabulary(teacher.tokenizer, student.tokenizer, expert_name=args.teacher, amateur_name=args.student)
-    progress(f"teacher {teacher.source} ({teacher.load_seconds:.1f}s), student {student.source} ({student.load_seconds:.1f}s)")
+    progress(
+        f"teacher {teacher.source} ({teacher.load_seconds:.1f}s), "
+        f"student {student.source} ({student.load_seconds:.1f}s)"
+    )
     return teacher, student
 
 
@@ -160,14 +184,18 @@ def run_train(args: argparse.Namespace) -> int:
     report: dict = {"pairs": len(pairs), "loss_type": config.loss_type}
     pad = student.tokenizer.pad_token_id
     if eval_pairs:
-        report["before"] = distillation_metrics(trainer.model, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
+        report["before"] = distillation_metrics(
+            trainer.model, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size
+        )
     result = trainer.train(resume_from_checkpoint=resume)
     report["train_loss"] = result.training_loss
     trained = trainer.model
     if peft_config is not None:
         trained = trained.merge_and_unload()
     if eval_pairs:
-        report["after"] = distillation_metrics(trained, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size)
+        report["after"] = distillation_metrics(
+            trained, teacher.model, eval_pairs, pad_token_id=pad, vocab_size=trainer.vocab_size
+        )
     if trainer.is_world_process_zero():
         output = Path(config.output_dir)
         trained.save_pretrained(output)

@@ -22,7 +22,10 @@ def run(args: argparse.Namespace) -> int:
         stem = model.gguf_file.removesuffix(".gguf")
         cached = any(e.path.name.startswith(stem + "-") and e.is_valid("sizes") for e in entries)
         marker = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name:24} {'yes' if model.is_installed() else 'no':9} {'yes' if cached else 'no':6}  {model.description}{marker}")
+        print(
+            f"{name:24} {'yes' if model.is_installed() else 'no':9} {'yes' if cached else 'no':6}  "
+            f"{model.description}{marker}"
+        )
     if args.verify:
         for entry in entries:
             problem = entry.problem("sha256")

@@ -25,7 +25,8 @@ class RewardArguments:
     """The reward, the prompts, and the contrastive-reward baselines of ``cdlm rl``."""
 
     reward: str | None = field(
-        default=None, metadata={"help": "'rule:gsm8k' or a folder with a sequence-classification reward model (required)"}
+        default=None,
+        metadata={"help": "'rule:gsm8k' or a folder with a sequence-classification reward model (required)"},
     )
     prompts_file: str | None = field(
         default=None, metadata={"help": "JSON lines with 'prompt' (+ e.g. 'answer'); default: synthetic arithmetic"}
@@ -37,14 +38,22 @@ class RewardArguments:
     aggregate: str = field(
         default="mean", metadata={"help": "how baseline rewards are aggregated", "choices": ("mean", "median", "max")}
     )
-    normalize_rewards: bool = field(default=False, metadata={"help": "divide contrastive rewards by their running std"})
+    normalize_rewards: bool = field(
+        default=False, metadata={"help": "divide contrastive rewards by their running std"}
+    )
     clip_rewards: float | None = field(default=None, metadata={"help": "clip contrastive rewards to [-c, c]"})
-    baseline_cache: str | None = field(default=None, metadata={"help": "baseline cache file (default: OUTPUT_DIR/baselines.jsonl)"})
-    baseline_temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the baseline responses"})
+    baseline_cache: str | None = field(
+        default=None, metadata={"help": "baseline cache file (default: OUTPUT_DIR/baselines.jsonl)"}
+    )
+    baseline_temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of the baseline responses"}
+    )
 
     def __post_init__(self) -> None:
         if self.contrastive_k is not None and self.contrastive_k < 1:
-            raise ValueError(f"contrastive_k must be >= 1 (got {self.contrastive_k}); leave it unset for plain rewards")
+            raise ValueError(
+                f"contrastive_k must be >= 1 (got {self.contrastive_k}); leave it unset for plain rewards"
+            )
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
 
@@ -55,9 +64,18 @@ COMMAND = TrainingCommand(
     data_class=RewardArguments,
     # PPO's budget is num_iterations and its batches are rollout_batch_size / mini_batch_size; it keeps a
     # constant learning rate.
-    unused_fields=("num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
-                   "lr_scheduler_type", "warmup_steps", "weight_decay", "gradient_checkpointing", "push_to_hub",
-                   "hub_model_id"),
+    unused_fields=(
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "weight_decay",
+        "gradient_checkpointing",
+        "push_to_hub",
+        "hub_model_id",
+    ),
 )
 
 
@@ -111,32 +129,63 @@ def run(args: argparse.Namespace) -> int:
     if not data.reward:
         raise ValueError("--reward is required: 'rule:gsm8k' or a reward-model folder")
     if settings.lora.lora_r == 0:
-        raise ValueError("cdlm rl trains a LoRA adapter (its reference is the adapter-disabled base): lora_r must be >= 1")
+        raise ValueError(
+            "cdlm rl trains a LoRA adapter (its reference is the adapter-disabled base): lora_r must be >= 1"
+        )
     rows = _read_rows(data, config.seed)
     reward = load_reward(data.reward)
     loaded = load_from_args(args)
     resume = settings.prepare_output(args, loaded)
     if data.contrastive_k is not None:
         baseline_settings = BaselineSettings(
-            k=data.contrastive_k, max_new_tokens=config.max_new_tokens, temperature=data.baseline_temperature,
-            seed=config.seed, use_chat_template=config.use_chat_template, model=args.model,
+            k=data.contrastive_k,
+            max_new_tokens=config.max_new_tokens,
+            temperature=data.baseline_temperature,
+            seed=config.seed,
+            use_chat_template=config.use_chat_template,
+            model=args.model,
         )
         cache_path = Path(data.baseline_cache or Path(config.output_dir) / "baselines.jsonl")
         progress(f"offline baselines: k={data.contrastive_k} responses for {len(rows)} prompts -> {cache_path}")
-        cache = generate_baselines(loaded.model, loaded.tokenizer, rows, reward, cache_path, baseline_settings,
-                                   batch_size=max(config.rollout_batch_size, data.contrastive_k), progress=progress)
-        reward = ContrastiveReward(reward, cache, aggregate=data.aggregate, normalize=data.normalize_rewards,
-                                   clip=data.clip_rewards)
+        cache = generate_baselines(
+            loaded.model,
+            loaded.tokenizer,
+            rows,
+            reward,
+            cache_path,
+            baseline_settings,
+            batch_size=max(config.rollout_batch_size, data.contrastive_k),
+            progress=progress,
+        )
+        reward = ContrastiveReward(
+            reward, cache, aggregate=data.aggregate, normalize=data.normalize_rewards, clip=data.clip_rewards
+        )
 
     def report(record: dict) -> None:
-        progress(f"iteration {int(record['step'])}: reward {record['reward_raw']:.3f} score {record['score']:+.3f} "
-                 f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)")
+        progress(
+            f"iteration {int(record['step'])}: reward {record['reward_raw']:.3f} score {record['score']:+.3f} "
+            f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)"
+        )
 
-    trainer = PPOTrainer(loaded.model, config, loaded.tokenizer, reward, rows,
-                         peft_config=settings.lora.peft_config(), callbacks=[report])
+    trainer = PPOTrainer(
+        loaded.model,
+        config,
+        loaded.tokenizer,
+        reward,
+        rows,
+        peft_config=settings.lora.peft_config(),
+        callbacks=[report],
+    )
     history = trainer.train(resume_from_checkpoint=resume)
     final = trainer.latest_checkpoint()
     if is_main_process():
-        print(json.dumps({"iterations": len(history), "final_reward": history[-1]["reward_raw"] if history else None,
-                          "checkpoint": str(final)}))
+        print(
+            json.dumps(
+                {
+                    "iterations": len(history),
+                    "final_reward": history[-1]["reward_raw"] if history else None,
+                    "checkpoint": str(final),
+                }
+            )
+        )
     return 0

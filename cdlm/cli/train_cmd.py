@@ -21,11 +21,14 @@ class PreferenceDataArguments:
 
     dataset: str | None = field(
         default=None,
-        metadata={"help": "preference .jsonl[.gz]/.json/.csv/.parquet file or hub id (default: the shipped HH-RLHF set)"},
+        metadata={
+            "help": "preference .jsonl[.gz]/.json/.csv/.parquet file or hub id (default: the shipped HH-RLHF set)"
+        },
     )
     split: str = field(default="train", metadata={"help": "split (or `split` column value) to train on"})
     eval_dataset: str | None = field(
-        default=None, metadata={"help": "held-out preference set evaluated at the end; 'default': the shipped test split"}
+        default=None,
+        metadata={"help": "held-out preference set evaluated at the end; 'default': the shipped test split"},
     )
     eval_split: str = field(default="test", metadata={"help": "split of --eval-dataset"})
 
@@ -67,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     resume = settings.prepare_output(args, loaded)
     trainer = PreferenceTrainer(
-        loaded.model, args=config, train_dataset=train, processing_class=loaded.tokenizer, peft_config=lora.peft_config()
+        loaded.model,
+        args=config,
+        train_dataset=train,
+        processing_class=loaded.tokenizer,
+        peft_config=lora.peft_config(),
     )
     report = trainer.train_data_report
     if report is not None and report.invalid:
@@ -79,5 +86,8 @@ def run(args: argparse.Namespace) -> int:
     progress(f"saved the {config.method} adapter to {config.output_dir}")
     if eval_dataset is not None:
         metrics = trainer.preference_metrics(eval_dataset)
-        progress("held-out: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        progress(
+            "held-out: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        )
     return 0

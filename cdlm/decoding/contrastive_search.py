@@ -147,7 +147,9 @@ class _Forward:
             return self.body(**kwargs, return_dict=True).last_hidden_state, None, None
         outputs = self.model(**kwargs, output_hidden_states=True, return_dict=True)
         if getattr(outputs, "hidden_states", None) is None:
-            raise ValueError(f"{type(self.model).__name__} did not return hidden states; contrastive search needs them")
+            raise ValueError(
+                f"{type(self.model).__name__} did not return hidden states; contrastive search needs them"
+            )
         return outputs.hidden_states[-1], outputs.logits.float(), outputs.hidden_states
 
 
@@ -375,7 +377,9 @@ def _candidate_path(
             logger.warning(
                 "contrastive search: one cache row per candidate, since the shared-context layout failed "
                 "on %s (%s: %s)",
-                type(forward.model).__name__, type(error).__name__, error,
+                type(forward.model).__name__,
+                type(error).__name__,
+                error,
             )
             return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
         mask = None if attention_mask is None else attention_mask[:1]
@@ -385,7 +389,8 @@ def _candidate_path(
             logger.warning(
                 "contrastive search: one cache row per candidate, since the shared-context layout changed "
                 "%s's candidate hidden states (max difference %.3g)",
-                type(forward.model).__name__, (shared - alone).abs().max().item(),
+                type(forward.model).__name__,
+                (shared - alone).abs().max().item(),
             )
             return _RowPerCandidate(forward, cache, attention_mask, batch_size, k, capacity)
         _SHARED_CONTEXT_CHECKED[forward.model] = checked_key
@@ -430,7 +435,9 @@ def contrastive_search(
     if generation_config.do_sample:
         raise ValueError("contrastive search is deterministic: pass do_sample=False (or leave it unset)")
     if (generation_config.num_beams or 1) > 1:
-        raise ValueError(f"contrastive search does not combine with beam search (num_beams={generation_config.num_beams})")
+        raise ValueError(
+            f"contrastive search does not combine with beam search (num_beams={generation_config.num_beams})"
+        )
     if generation_config.output_attentions:
         raise ValueError("contrastive search does not return attentions (output_attentions=True)")
     # generate() fills sampling defaults into the config (top_k=50), so the config's top_k only counts
@@ -452,15 +459,23 @@ def contrastive_search(
     attention_mask = model_kwargs.pop("attention_mask", None)
     cache = model_kwargs.pop("past_key_values", None)
     for name in (
-        "position_ids", "use_cache", "logits_to_keep", "cache_position", "inputs_embeds",
-        "output_hidden_states", "output_attentions", "return_dict",
+        "position_ids",
+        "use_cache",
+        "logits_to_keep",
+        "cache_position",
+        "inputs_embeds",
+        "output_hidden_states",
+        "output_attentions",
+        "return_dict",
     ):
         model_kwargs.pop(name, None)
     extra = {name: value for name, value in model_kwargs.items() if value is not None}
     if cache is None:
         cache = DynamicCache(config=model.config)
     elif cache.get_seq_length() != 0:
-        raise ValueError("contrastive search starts from an empty cache; a pre-filled past_key_values is not supported")
+        raise ValueError(
+            "contrastive search starts from an empty cache; a pre-filled past_key_values is not supported"
+        )
 
     return _contrastive_search_loop(
         model,

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from cdlm.eval_harness.data import load_rows, take, validate_rows
-from cdlm.eval_harness.task import GENERATE_UNTIL, GenerationRequest, GenerationResponse, Task, TaskData, fingerprint_rows
+from cdlm.eval_harness.task import (
+    GENERATE_UNTIL,
+    GenerationRequest,
+    GenerationResponse,
+    Task,
+    TaskData,
+    fingerprint_rows,
+)
 from cdlm.eval_harness.text_quality import REPETITION_ORDERS, ngram_counts, repetition_stats, words
 
 DOMAINS = ("wikihow", "books")
@@ -138,7 +145,13 @@ class Judge:
 
 
 def judged_metrics(
-    judge: Judge, prompts, continuations, humans, *, mauve_seed: int = 25, with_perplexity: bool = True,
+    judge: Judge,
+    prompts,
+    continuations,
+    humans,
+    *,
+    mauve_seed: int = 25,
+    with_perplexity: bool = True,
     with_mauve: bool = True,
 ) -> dict[str, float]:
     """MAUVE (vs the human continuations), coherence and perplexity of one domain's continuations.
@@ -187,10 +200,26 @@ def corpus_metrics(
         human = text_metrics([r["human"] for r in rows])
         if judge and judge != "none":
             scorer = Judge(judge)
-            model.update(judged_metrics(scorer, prompts, [r["continuation"] for r in rows], [r["human"] for r in rows],
-                                        mauve_seed=mauve_seed, with_perplexity=with_perplexity))
-            human.update(judged_metrics(scorer, prompts, [r["human"] for r in rows], [r["human"] for r in rows],
-                                        with_perplexity=with_perplexity, with_mauve=False))
+            model.update(
+                judged_metrics(
+                    scorer,
+                    prompts,
+                    [r["continuation"] for r in rows],
+                    [r["human"] for r in rows],
+                    mauve_seed=mauve_seed,
+                    with_perplexity=with_perplexity,
+                )
+            )
+            human.update(
+                judged_metrics(
+                    scorer,
+                    prompts,
+                    [r["human"] for r in rows],
+                    [r["human"] for r in rows],
+                    with_perplexity=with_perplexity,
+                    with_mauve=False,
+                )
+            )
         per_domain[domain] = (model, human)
         results.update({f"{domain}/{k}": v for k, v in model.items()})
         results.update({f"{domain}/human/{k}": v for k, v in human.items()})
@@ -227,8 +256,12 @@ class OpenEndedTask(Task):
         docs = select(rows, self.settings)
         if not docs:
             raise ValueError(f"{source} has no {self.settings.split} rows for domain {self.settings.domain!r}")
-        return TaskData(take(docs, config.limit), f"{source} ({self.settings.domain}, {self.settings.split})",
-                        None, {"data": fingerprint_rows(rows)})
+        return TaskData(
+            take(docs, config.limit),
+            f"{source} ({self.settings.domain}, {self.settings.split})",
+            None,
+            {"data": fingerprint_rows(rows)},
+        )
 
     def build_requests(self, data: TaskData, config) -> list[GenerationRequest]:
         return [

@@ -116,7 +116,10 @@ class HiddenStateFeatures:
 
     def _encode(self, texts: Sequence[str]):
         for start in range(0, len(texts), self.batch_size):
-            chunk = [text if text.strip() else (self.tokenizer.eos_token or " ") for text in texts[start : start + self.batch_size]]
+            chunk = [
+                text if text.strip() else (self.tokenizer.eos_token or " ")
+                for text in texts[start : start + self.batch_size]
+            ]
             batch = self.tokenizer(
                 chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
             ).to(self.model.device)

@@ -25,7 +25,9 @@ class DistiLLM2Config(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "log every N optimizer steps"})
     loss_type: str = field(default="distillm2", metadata={"help": "objective", "choices": LOSS_TYPES})
     alpha: float = field(default=0.1, metadata={"help": "skew of SKL and SRKL, in (0, 1)"})
-    beta: float = field(default=0.5, metadata={"help": "weight of SRKL on student responses (initial value), in [0, 1]"})
+    beta: float = field(
+        default=0.5, metadata={"help": "weight of SRKL on student responses (initial value), in [0, 1]"}
+    )
     beta_schedule: str = field(
         default="constant", metadata={"help": "linear: beta grows over training", "choices": ("constant", "linear")}
     )
@@ -37,10 +39,14 @@ class DistiLLM2Config(TrainingArguments):
     chunk_size: int = field(default=256, metadata={"help": "completion positions per logits chunk"})
     reduction: str = field(
         default="sequence",
-        metadata={"help": "sequence: mean per response, then over the batch; token: over all tokens",
-                  "choices": ("sequence", "token")},
+        metadata={
+            "help": "sequence: mean per response, then over the batch; token: over all tokens",
+            "choices": ("sequence", "token"),
+        },
     )
-    resample_student_every_epoch: bool = field(default=False, metadata={"help": "on-policy 'batch' mode: regenerate student responses each epoch"})
+    resample_student_every_epoch: bool = field(
+        default=False, metadata={"help": "on-policy 'batch' mode: regenerate student responses each epoch"}
+    )
     resample_max_new_tokens: int = field(default=128)
     resample_temperature: float = field(default=1.0)
     resample_top_p: float = field(default=1.0)

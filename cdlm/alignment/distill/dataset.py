@@ -38,7 +38,8 @@ def tokenize_pair_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedToke
     """Token ids for rows that carry only text (``prompt``/``chosen``/``rejected``, TRL's format).
 
     The prompt may also be implicit in ``chosen``/``rejected`` (TRL's implicit-prompt format); it is split off
-    as TRL does (:func:`cdlm.alignment.preference.data.explicit_prompt_fields`). Rows that already hold ``prompt_ids``/``chosen_ids``/``rejected_ids`` (the output of
+    as TRL does (:func:`cdlm.alignment.preference.data.explicit_prompt_fields`). Rows that already hold
+    ``prompt_ids``/``chosen_ids``/``rejected_ids`` (the output of
     :func:`cdlm.alignment.distill.pairs.generate_pairs`) are kept as they are. Text responses get the
     EOS token appended, as in TRL's ``DPOTrainer``.
     """
@@ -53,12 +54,21 @@ def tokenize_pair_rows(rows: Sequence[dict[str, Any]], tokenizer: PreTrainedToke
         row = {**row, **explicit_prompt_fields(row)}
         prompt = row["prompt"]
         if isinstance(prompt, list):
-            prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+            prompt_ids = tokenizer.apply_chat_template(
+                prompt, tokenize=True, add_generation_prompt=True, return_dict=False
+            )
         else:
             prompt_ids = tokenizer(str(prompt))["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         encode = lambda text: tokenizer(_completion_text(text), add_special_tokens=False)["input_ids"] + eos  # noqa: E731
-        out.append({**row, "prompt_ids": list(prompt_ids), "chosen_ids": encode(row["chosen"]), "rejected_ids": encode(row["rejected"])})
+        out.append(
+            {
+                **row,
+                "prompt_ids": list(prompt_ids),
+                "chosen_ids": encode(row["chosen"]),
+                "rejected_ids": encode(row["rejected"]),
+            }
+        )
     return out
 
 

@@ -49,16 +49,23 @@ class PreferenceConfig(DPOConfig):
     learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate (suits LoRA adapters)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per device per step."})
-    max_length: int | None = field(default=512, metadata={"help": "Max tokens of prompt + reply (longer ones truncated)."})
+    max_length: int | None = field(
+        default=512, metadata={"help": "Max tokens of prompt + reply (longer ones truncated)."}
+    )
     logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
     save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N optimizer steps."})
     method: str = field(default="dpo", metadata={"help": "Objective.", "choices": METHODS})
     cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL term on chosen replies (CPO)."})
     sparsepo_mask_type: str = field(
-        default="learned", metadata={"help": "SparsePO masks: trained heads or reference activations.", "choices": ("learned", "activation")}
+        default="learned",
+        metadata={
+            "help": "SparsePO masks: trained heads or reference activations.",
+            "choices": ("learned", "activation"),
+        },
     )
     sparsepo_activation: str = field(
-        default="mlp", metadata={"help": "Activation masks: which activations.", "choices": ("mlp", "attn", "residual", "logits")}
+        default="mlp",
+        metadata={"help": "Activation masks: which activations.", "choices": ("mlp", "attn", "residual", "logits")},
     )
     sparsepo_layers: list[int] = field(
         default_factory=list, metadata={"help": "Layers feeding the masks (negative from the end); empty = all."}
@@ -72,13 +79,17 @@ class PreferenceConfig(DPOConfig):
     sparsepo_chunk_size: int = field(default=256, metadata={"help": "Tokens per full-vocabulary logits chunk."})
     on_invalid_pairs: str = field(
         default="drop",
-        metadata={"help": "Empty/identical pairs and prompts filling max_length: drop (counted warning), error or keep.",
-                  "choices": ("drop", "error", "keep")},
+        metadata={
+            "help": "Empty/identical pairs and prompts filling max_length: drop (counted warning), error or keep.",
+            "choices": ("drop", "error", "keep"),
+        },
     )
     displacement_pairs: int = field(
         default=32,
-        metadata={"help": "Pairs (eval set first, else training set) on which chosen/rejected log-prob drift since "
-                  "step 0 is logged (likelihood displacement); 0 = off."},
+        metadata={
+            "help": "Pairs (eval set first, else training set) on which chosen/rejected log-prob drift since "
+            "step 0 is logged (likelihood displacement); 0 = off."
+        },
     )
     displacement_steps: int = field(
         default=0, metadata={"help": "Measure displacement every N optimizer steps; 0 = at every logging step."}

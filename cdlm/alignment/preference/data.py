@@ -71,7 +71,9 @@ def load_preference_dataset(source: str | Path | None = None, split: str | None 
             return Dataset.from_list(rows)
         kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
         if kind is None:
-            raise ValueError(f"unsupported preference file type {path.suffix!r} ({path}): use .jsonl[.gz], .json, .csv or .parquet")
+            raise ValueError(
+                f"unsupported preference file type {path.suffix!r} ({path}): use .jsonl[.gz], .json, .csv or .parquet"
+            )
         loaded = load_dataset(kind, data_files=str(path), split="train")
         if split is not None and "split" in loaded.column_names:
             loaded = loaded.filter(lambda row: row["split"] == split)
@@ -82,7 +84,8 @@ def load_preference_dataset(source: str | Path | None = None, split: str | None 
         loaded = load_dataset(str(source), split=split or "train")
     except Exception as error:  # datasets raises many types for "not found / offline"
         raise ValueError(
-            f"could not load preference dataset {source!r} as a file or hub dataset ({type(error).__name__}: {error}); "
+            f"could not load preference dataset {source!r} as a file or hub dataset "
+            f"({type(error).__name__}: {error}); "
             "offline, pass a local .jsonl file with prompt/chosen/rejected columns"
         ) from error
     if isinstance(loaded, DatasetDict):  # pragma: no cover - split=None on a hub id
@@ -100,7 +103,9 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return "".join(str(message.get("content", "")) if isinstance(message, dict) else str(message) for message in value)
+        return "".join(
+            str(message.get("content", "")) if isinstance(message, dict) else str(message) for message in value
+        )
     if value is None:
         return ""
     raise ValueError(f"preference fields must be strings or lists of messages, got {type(value).__name__}")
@@ -134,7 +139,7 @@ def with_explicit_prompt(dataset: Dataset) -> Dataset:
 
 
 def explicit_prompt_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """One row's ``prompt``/``chosen``/``rejected``, the prompt split off by TRL's ``maybe_extract_prompt`` if needed."""
+    """A row's ``prompt``/``chosen``/``rejected``; the prompt split off by TRL's ``maybe_extract_prompt`` if needed."""
     if not _needs_prompt_extraction(row):
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
     if not row["chosen"] or not row["rejected"]:
@@ -173,7 +178,11 @@ class PreferenceDataReport:
             )
             if rows
         ]
-        return f"{len(self.invalid)} of {self.total} preference pairs are unusable: " + "; ".join(parts) if parts else f"all {self.total} preference pairs are usable"
+        return (
+            f"{len(self.invalid)} of {self.total} preference pairs are unusable: " + "; ".join(parts)
+            if parts
+            else f"all {self.total} preference pairs are usable"
+        )
 
 
 def validate_preference_dataset(

@@ -9,7 +9,8 @@ What is reused and what is overridden, and why:
   the preference term and the chosen-reply NLL; no reference forward, and no reference copy is built.
 * **SparsePO** needs full-vocabulary distributions of policy and reference at each completion token (for the token
   KL), plus reference activations or hidden states for the masks. It runs the backbones directly and projects only
-  completion positions through the LM head, a chunk at a time (:func:`~cdlm.alignment.preference.losses.chunked_token_logps_and_kl`).
+  completion positions through the LM head, a chunk at a time
+  (:func:`~cdlm.alignment.preference.losses.chunked_token_logps_and_kl`).
   Learned masks (:class:`~cdlm.alignment.preference.sparsepo.SparseTokenMasks`) get their own optimizer parameter group
   (weight decay, learning rate) and are saved next to the adapter as ``sparsepo_masks.safetensors``.
 
@@ -68,8 +69,8 @@ class PreferenceTrainer(DPOTrainer):
     """Train a causal LM (usually a LoRA adapter) on preference pairs with the objective in ``args.method``.
 
     Takes the same arguments as :class:`trl.DPOTrainer`; ``args`` must be a :class:`PreferenceConfig`. Datasets are
-    checked first with :func:`~cdlm.alignment.preference.data.validate_preference_dataset` (``args.on_invalid_pairs``); the
-    reports are kept in ``train_data_report`` / ``eval_data_report``.
+    checked first with :func:`~cdlm.alignment.preference.data.validate_preference_dataset`
+    (``args.on_invalid_pairs``); the reports are kept in ``train_data_report`` / ``eval_data_report``.
 
     Example::
 
@@ -304,7 +305,10 @@ class PreferenceTrainer(DPOTrainer):
         # Through `model` (the DDP/FSDP/DeepSpeed wrapper Trainer passes in), not the unwrapped backbone: a
         # forward that skips the wrapper is never all-reduced. logits_to_keep=1: the head runs in chunks below.
         policy_hidden = model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
             logits_to_keep=1,
         ).hidden_states[-1]
         head = policy_base.get_output_embeddings()
@@ -427,7 +431,9 @@ class PreferenceTrainer(DPOTrainer):
         else:
             ref_logps = torch.cat(reference).double() if reference_logps is None else reference_logps.double().cpu()
         if ref_logps.shape != policy_logps.shape:
-            raise ValueError(f"reference_logps has shape {tuple(ref_logps.shape)}, expected {tuple(policy_logps.shape)}")
+            raise ValueError(
+                f"reference_logps has shape {tuple(ref_logps.shape)}, expected {tuple(policy_logps.shape)}"
+            )
         self.last_preference_logps = (policy_logps, ref_logps)
         rewards = self.beta * (policy_logps - ref_logps)
         margins = rewards[:, 0] - rewards[:, 1]
@@ -452,7 +458,9 @@ class PreferenceTrainer(DPOTrainer):
         if "ref" in unwrapped.peft_config:
             return False
         lora_b = [p for n, p in unwrapped.named_parameters() if "lora_B" in n]
-        if not lora_b or any(("lora_" in n and "lora_A" not in n and "lora_B" not in n) for n, _ in unwrapped.named_parameters()):
+        if not lora_b or any(
+            ("lora_" in n and "lora_A" not in n and "lora_B" not in n) for n, _ in unwrapped.named_parameters()
+        ):
             return False
         return all(not bool(p.detach().any()) for p in lora_b)
 

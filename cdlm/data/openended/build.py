@@ -40,12 +40,29 @@ BOOKS = (
     ("doyle-adventures-of-sherlock-holmes", "The Adventures of Sherlock Holmes (Arthur Conan Doyle), eBook #1661"),
 )
 # HellaSwag's WikiHow rows carry the article's top-level wikiHow category as their activity label.
-WIKIHOW_CATEGORIES = frozenset({
-    "Arts and Entertainment", "Cars & Other Vehicles", "Computers and Electronics", "Education and Communications",
-    "Family Life", "Finance and Business", "Food and Entertaining", "Health", "Hobbies and Crafts",
-    "Holidays and Traditions", "Home and Garden", "Personal Care and Style", "Pets and Animals",
-    "Philosophy and Religion", "Relationships", "Sports and Fitness", "Travel", "Work World", "Youth",
-})
+WIKIHOW_CATEGORIES = frozenset(
+    {
+        "Arts and Entertainment",
+        "Cars & Other Vehicles",
+        "Computers and Electronics",
+        "Education and Communications",
+        "Family Life",
+        "Finance and Business",
+        "Food and Entertaining",
+        "Health",
+        "Hobbies and Crafts",
+        "Holidays and Traditions",
+        "Home and Garden",
+        "Personal Care and Style",
+        "Pets and Animals",
+        "Philosophy and Religion",
+        "Relationships",
+        "Sports and Fitness",
+        "Travel",
+        "Work World",
+        "Youth",
+    }
+)
 _HEADING = re.compile(r"^(chapter\b|adventure\b|[ivxlc]+\.\s)", re.IGNORECASE)
 
 
@@ -113,8 +130,17 @@ def main(book_paths: list[str]) -> None:
         step = len(usable) / PER_DOMAIN
         for i in range(PER_DOMAIN):
             source, (prompt, human, ends) = usable[int(i * step)]
-            rows.append({"id": f"{domain}-{i:03d}", "domain": domain, "split": "dev" if i % 5 == 0 else "test",
-                         "source": source, "prompt": prompt, "human": human, "human_token_ends": ends})
+            rows.append(
+                {
+                    "id": f"{domain}-{i:03d}",
+                    "domain": domain,
+                    "split": "dev" if i % 5 == 0 else "test",
+                    "source": source,
+                    "prompt": prompt,
+                    "human": human,
+                    "human_token_ends": ends,
+                }
+            )
         print(f"{domain}: {len(usable)} of {len(docs)} documents long enough, kept {PER_DOMAIN}")
     target = Path(__file__).with_name("openended.jsonl.gz")
     buffer = io.BytesIO()
