@@ -328,12 +328,12 @@ def test_a_task_registered_from_outside_runs_through_evaluate(loaded, tmp_path):
 
 def test_methods_supply_their_scoring_rules(loaded):
     amateur = EarlyExitAmateur(loaded.model, 1)
-    cd = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur)
+    cd = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur, cd_formulation="obrien-lewis")
     from cdlm.decoding.contrast import DEFAULT_BETA, DEFAULT_CID_LAMBDA
 
     assert cd.scoring_rule() == ScoringRule("contrastive", contrast="amateur", weight=DEFAULT_BETA, amateur=amateur)
     assert cd.scoring_rule().amateur is amateur
-    li = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur, cd_formulation="li", beta=0.3)
+    li = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur, beta=0.3)  # Li: the default formulation
     assert li.scoring_rule().weight == 1.0  # Li et al.'s rule subtracts the amateur with weight 1
     cid = get_method("cid")(loaded.model, loaded.tokenizer)
     assert cid.scoring_rule().contrast == "contrastive-input" and cid.scoring_rule().weight == DEFAULT_CID_LAMBDA

@@ -103,7 +103,13 @@ def test_changed_configuration_in_the_same_folder_is_refused(loaded, data_files,
 def test_contrastive_scoring_uses_expert_minus_beta_amateur(loaded, data_files, tmp_path):
     hs, _ = data_files
 
-    method = get_method("cd")(loaded.model, loaded.tokenizer, amateur=EarlyExitAmateur(loaded.model, 2), beta=0.5)
+    method = get_method("cd")(
+        loaded.model,
+        loaded.tokenizer,
+        amateur=EarlyExitAmateur(loaded.model, 2),
+        beta=0.5,
+        cd_formulation="obrien-lewis",
+    )
     result = evaluate(
         loaded, method, EvalConfig(task="hellaswag", data=str(hs)), tmp_path / "cd", progress=lambda m: None
     )

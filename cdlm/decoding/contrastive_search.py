@@ -39,8 +39,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import sys
-import types
 import weakref
 
 import torch
@@ -51,18 +49,18 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     StoppingCriteriaList,
-    StopStringCriteria,
 )
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from cdlm.decoding.custom_generate import make_module_callable, split_model_kwargs, stop_strings_as_criterion
 from cdlm.decoding.methods import (  # re-exported: the registry class and its validation live with the registry
     DEFAULT_PENALTY_ALPHA,
     DEFAULT_TOP_K,
     ContrastiveSearchMethod,
     validate_contrastive_search_params,
 )
-from cdlm.models.amateur import head_logits
+from cdlm.models.lm_head import head_logits
 
 CANDIDATE_LAYOUTS = ("auto", "shared_context", "row_per_candidate")
 # ``auto`` keeps one cache row per candidate below this many cache entries (batch x context length) at the
@@ -456,20 +454,7 @@ def contrastive_search(
     if "inputs_embeds" in model_kwargs and model_kwargs["inputs_embeds"] is not None:
         raise ValueError("contrastive search needs input_ids, not inputs_embeds")
 
-    attention_mask = model_kwargs.pop("attention_mask", None)
-    cache = model_kwargs.pop("past_key_values", None)
-    for name in (
-        "position_ids",
-        "use_cache",
-        "logits_to_keep",
-        "cache_position",
-        "inputs_embeds",
-        "output_hidden_states",
-        "output_attentions",
-        "return_dict",
-    ):
-        model_kwargs.pop(name, None)
-    extra = {name: value for name, value in model_kwargs.items() if value is not None}
+    attention_mask, cache, extra = split_model_kwargs(model_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config)
     elif cache.get_seq_length() != 0:
@@ -638,15 +623,7 @@ def contrastive_search_generate(
     straight to ``generate()`` fails there.
     """
     penalty_alpha, top_k = validate_contrastive_search_params(penalty_alpha, top_k)
-    stop_strings = generate_kwargs.pop("stop_strings", None)
-    tokenizer = generate_kwargs.pop("tokenizer", None)
-    if stop_strings:
-        if tokenizer is None:
-            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=...")
-        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
-        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
-        generate_kwargs["stopping_criteria"] = criteria
+    stop_strings_as_criterion(generate_kwargs)
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
@@ -659,16 +636,4 @@ def contrastive_search_generate(
     )
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``custom_generate=cdlm.decoding.contrastive_search`` (the module) work as the callable.
-
-    transformers routes extra ``generate()`` kwargs (``penalty_alpha``, ``top_k``) by the callable's
-    signature, which ``__signature__`` below supplies.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return contrastive_search(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-__signature__ = inspect.signature(contrastive_search)
+make_module_callable(__name__, contrastive_search)

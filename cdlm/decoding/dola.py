@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
-import types
 from typing import Sequence
 
 import torch
@@ -61,10 +59,10 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     StoppingCriteriaList,
-    StopStringCriteria,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from cdlm.decoding.custom_generate import make_module_callable, split_model_kwargs, stop_strings_as_criterion
 from cdlm.decoding.methods import (  # the settings live with the registry, which must not import torch
     DEFAULT_DOLA_LAYERS,
     DEFAULT_RELATIVE_TOP,
@@ -219,20 +217,7 @@ def dola(
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
     stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
 
-    attention_mask = model_kwargs.pop("attention_mask", None)
-    cache = model_kwargs.pop("past_key_values", None)
-    for name in (
-        "position_ids",
-        "use_cache",
-        "logits_to_keep",
-        "cache_position",
-        "inputs_embeds",
-        "output_hidden_states",
-        "output_attentions",
-        "return_dict",
-    ):
-        model_kwargs.pop(name, None)
-    extra = {name: value for name, value in model_kwargs.items() if value is not None}
+    attention_mask, cache, extra = split_model_kwargs(model_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config)
     elif cache.get_seq_length() != 0:
@@ -387,15 +372,7 @@ def dola_generate(
         or repetition_penalty <= 0
     ):
         raise ValueError(f"repetition_penalty must be a number > 0, got {repetition_penalty!r}")
-    stop_strings = generate_kwargs.pop("stop_strings", None)
-    tokenizer = generate_kwargs.pop("tokenizer", None)
-    if stop_strings:
-        if tokenizer is None:
-            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer=...")
-        criteria = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
-        stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
-        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
-        generate_kwargs["stopping_criteria"] = criteria
+    stop_strings_as_criterion(generate_kwargs)
     return model.generate(
         input_ids,
         attention_mask=attention_mask,
@@ -409,16 +386,4 @@ def dola_generate(
     )
 
 
-class _CallableModule(types.ModuleType):
-    """Lets ``custom_generate=cdlm.decoding.dola`` (the module) work as the callable.
-
-    transformers routes extra ``generate()`` kwargs (``dola_layers``, ...) by the callable's signature,
-    which ``__signature__`` below supplies.
-    """
-
-    def __call__(self, *args, **kwargs):
-        return dola(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-__signature__ = inspect.signature(dola)
+make_module_callable(__name__, dola)
