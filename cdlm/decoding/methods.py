@@ -158,7 +158,38 @@ def _protected_ids(method: DecodingMethod, eos_promotion: str) -> list[int]:
     return eos_token_ids(method.model, method.tokenizer) if eos_promotion == "forbid" else []
 
 
-class ContrastiveDecodingMethod(DecodingMethod):
+def _contrast_params(names: tuple[str, ...]) -> tuple[Param, ...]:
+    """The registry parameters of a contrast method: its rule's hyperparameters, the EOS rule, beams."""
+    return (
+        *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in names),
+        Param("eos_promotion", str, DEFAULT_EOS_PROMOTION, EOS_PROMOTION_HELP),
+        Param("num_beams", int, 1, "beam search width (1: greedy)"),
+    )
+
+
+class _ContrastMethod(DecodingMethod):
+    """What CD and CID share: settings built and validated by ``cdlm.decoding.contrast``, greedy/beam kwargs."""
+
+    contrast_kind: ClassVar[str]  # "cd" or "cid": the rule ``ContrastSettings.from_hyperparameters`` builds
+
+    @classmethod
+    def validate(cls, hp):
+        ContrastSettings.from_hyperparameters(cls.contrast_kind, hp)
+        check_eos_promotion(hp["eos_promotion"])
+        check_num_beams(hp["num_beams"])
+
+    def __init__(self, model, tokenizer, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.settings = ContrastSettings.from_hyperparameters(self.contrast_kind, self.hyperparameters)
+
+    def _decode_with(self, processor) -> dict:
+        from transformers import LogitsProcessorList
+
+        num_beams = self.hyperparameters["num_beams"]
+        return {"do_sample": False, "num_beams": num_beams, "logits_processor": LogitsProcessorList([processor])}
+
+
+class ContrastiveDecodingMethod(_ContrastMethod):
     """``cdlm generate --method cd``: greedy (or beam) decoding on the contrastive-decoding scores.
 
     The processors live in ``cdlm.decoding.contrastive_decoding`` (imported when a batch is built).
@@ -167,21 +198,11 @@ class ContrastiveDecodingMethod(DecodingMethod):
     name = "cd"
     description = "contrastive decoding: expert minus amateur on the expert's plausible tokens"
     needs_amateur = True
-    params = (
-        *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CD_HYPERPARAMETERS),
-        Param("eos_promotion", str, DEFAULT_EOS_PROMOTION, EOS_PROMOTION_HELP),
-        Param("num_beams", int, 1, "beam search width (1: greedy)"),
-    )
-
-    @classmethod
-    def validate(cls, hp):
-        ContrastSettings.from_hyperparameters("cd", hp)
-        check_eos_promotion(hp["eos_promotion"])
-        check_num_beams(hp["num_beams"])
+    contrast_kind = "cd"
+    params = _contrast_params(CD_HYPERPARAMETERS)
 
     def __init__(self, model, tokenizer, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        self.settings = ContrastSettings.from_hyperparameters("cd", self.hyperparameters)
         if getattr(self.amateur, "kind", None) == "early-exit" and self.amateur.expert is not model:
             raise ValueError("the early-exit amateur was built from a different model than the expert being decoded")
 
@@ -192,8 +213,6 @@ class ContrastiveDecodingMethod(DecodingMethod):
         return ScoringRule("contrastive", contrast="amateur", weight=self.settings.weight, amateur=self.amateur)
 
     def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
-        from transformers import LogitsProcessorList
-
         from cdlm.decoding.contrastive_decoding import contrastive_decoding_processor
 
         hp = self.hyperparameters
@@ -207,10 +226,10 @@ class ContrastiveDecodingMethod(DecodingMethod):
             attention_mask=batch.get("attention_mask"),
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
+        return self._decode_with(processor)
 
 
-class ContrastiveInputMethod(DecodingMethod):
+class ContrastiveInputMethod(_ContrastMethod):
     """``cdlm generate --method cid --contrastive-prompt ...``: greedy (or beam) decoding on CID scores.
 
     The processor lives in ``cdlm.decoding.contrastive_input`` (imported when a batch is built).
@@ -219,21 +238,8 @@ class ContrastiveInputMethod(DecodingMethod):
     name = "cid"
     description = "contrastive input decoding: likely given the prompt, unlikely given the contrastive prompt"
     needs_contrastive_inputs = True
-    params = (
-        *(Param(name, type(DEFAULTS[name]), DEFAULTS[name], HELP[name]) for name in CID_HYPERPARAMETERS),
-        Param("eos_promotion", str, DEFAULT_EOS_PROMOTION, EOS_PROMOTION_HELP),
-        Param("num_beams", int, 1, "beam search width (1: greedy)"),
-    )
-
-    @classmethod
-    def validate(cls, hp):
-        ContrastSettings.from_hyperparameters("cid", hp)
-        check_eos_promotion(hp["eos_promotion"])
-        check_num_beams(hp["num_beams"])
-
-    def __init__(self, model, tokenizer, **kwargs):
-        super().__init__(model, tokenizer, **kwargs)
-        self.settings = ContrastSettings.from_hyperparameters("cid", self.hyperparameters)
+    contrast_kind = "cid"
+    params = _contrast_params(CID_HYPERPARAMETERS)
 
     def scoring_rule(self):
         """Log-likelihood tasks: ``ll(continuation | context) - cid_lambda * ll(continuation | contrastive ctx)``."""
@@ -242,8 +248,6 @@ class ContrastiveInputMethod(DecodingMethod):
         return ScoringRule("contrastive-input", contrast="contrastive-input", weight=self.settings.weight)
 
     def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
-        from transformers import LogitsProcessorList
-
         from cdlm.decoding.contrastive_input import ContrastiveInputLogitsProcessor
 
         if contrastive_batch is None:
@@ -263,7 +267,7 @@ class ContrastiveInputMethod(DecodingMethod):
             pad_token_id=self.tokenizer.pad_token_id,
             special_ids=_protected_ids(self, hp["eos_promotion"]),
         )
-        return {"do_sample": False, "num_beams": hp["num_beams"], "logits_processor": LogitsProcessorList([processor])}
+        return self._decode_with(processor)
 
 
 DEFAULT_PENALTY_ALPHA = 0.6
