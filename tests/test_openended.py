@@ -32,6 +32,21 @@ def test_packaged_data_has_two_domains_with_dev_and_test_splits():
     assert counts == {("dev", "wikihow"): 50, ("dev", "books"): 50, ("test", "wikihow"): 200, ("test", "books"): 200}
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"split": "train"}, "split must be one of dev, test, got 'train'"),
+        ({"domain": "news"}, "domain must be one of wikihow, books or all, got 'news'"),
+        ({"judge_dtype": "float16"}, "judge_dtype must be one of float32, bfloat16, got 'float16'"),
+        ({"mauve_seed": "x"}, "mauve_seed must be an integer, got 'x'"),
+        ({"judges": "a"}, r"no setting\(s\) \['judges'\]"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(extra, message):
+    with pytest.raises(ValueError, match=message):
+        openended.OpenEndedSettings.from_extra(extra)
+
+
 def test_limit_keeps_both_domains_and_requests_cap_tokens_per_domain():
     task = get_task("openended")
     config = EvalConfig(task="openended", limit=4, max_new_tokens=100, extra={"split": "dev", "judge": "none"})
@@ -87,7 +102,7 @@ def test_judged_metrics_use_the_judge_model(monkeypatch, tiny_llama, tiny_tokeni
     class Loaded:
         model, tokenizer = tiny_llama, tiny_tokenizer
 
-    monkeypatch.setitem(openended.Judge._loaded, "tiny-judge", Loaded())
+    monkeypatch.setitem(openended.Judge._loaded, ("tiny-judge", "float32"), Loaded())
     texts = ["The quick brown fox jumps", "over the lazy dog", "Contrastive decoding compares", "two models and"]
     records = [_record("books", " " + texts[i], " " + texts[(i + 1) % 4], 5) for i in range(4)]
     metrics = openended.corpus_metrics(records, judge="tiny-judge")

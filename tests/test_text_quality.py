@@ -93,10 +93,18 @@ def test_hidden_state_features_do_not_depend_on_batching_or_padding(tiny_llama, 
     texts = ["The quick brown fox jumps over the lazy dog.", "A dog.", "Contrastive decoding"]
     batched = tq.HiddenStateFeatures(tiny_llama, tiny_tokenizer, batch_size=3)
     single = tq.HiddenStateFeatures(tiny_llama, tiny_tokenizer, batch_size=1)
-    torch.testing.assert_close(batched.last_token(texts), single.last_token(texts), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(batched.mean_pooled(texts), single.mean_pooled(texts), rtol=1e-4, atol=1e-4)
-    # the last-token feature of one text is the decoder's output at its last position
-    ids = tiny_tokenizer(texts[1], return_tensors="pt")
-    with torch.no_grad():
-        expected = tiny_llama.get_decoder()(**ids).last_hidden_state[0, -1]
-    torch.testing.assert_close(single.last_token(texts[1:2])[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_document_features_are_the_last_position_of_prompt_plus_continuation(tiny_llama, tiny_tokenizer):
+    prompts = ["The quick brown fox", "A", "Contrastive decoding"]
+    continuations = [" jumps over the lazy dog.", "", " compares two models"]
+    batched = tq.score_documents(tiny_llama, tiny_tokenizer, prompts, continuations, batch_size=3)
+    without_nll = tq.score_documents(tiny_llama, tiny_tokenizer, prompts, continuations, batch_size=1, with_nll=False)
+    torch.testing.assert_close(batched.features, without_nll.features, rtol=1e-4, atol=1e-4)
+    assert without_nll.nll == [(0.0, 0)] * 3
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        ids = tiny_tokenizer(prompt)["input_ids"] + tiny_tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            expected = tiny_llama.get_decoder()(torch.tensor([ids])).last_hidden_state[0, -1]
+        torch.testing.assert_close(batched.features[row], expected, rtol=1e-5, atol=1e-5)

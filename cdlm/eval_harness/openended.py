@@ -7,10 +7,11 @@ task does the same on the packaged prompts (``cdlm/data/openended``: wikiHow how
 public-domain novels; 50 dev + 200 test prompts per domain) with every registered decoding method.
 
 Task settings (``EvalConfig.extra``): ``domain`` (``wikihow``, ``books`` or ``all``, default ``all``),
-``split`` (``dev`` / ``test``, default ``test``) and ``judge`` (the local model whose hidden states give
+``split`` (``dev`` / ``test``, default ``test``), ``judge`` (the local model whose hidden states give
 MAUVE features and coherence embeddings and which scores perplexity; default ``gemma3-270m``; use a model
 other than the evaluated one, e.g. ``smollm2-135m-instruct`` to judge Gemma's text; ``none`` skips the
-model-based metrics). New tokens are capped per domain at the human continuation's length (64 wikiHow,
+model-based metrics), ``judge_dtype`` (``float32`` or ``bfloat16``: about 3x faster on CPUs with
+AVX512-BF16) and ``mauve_seed``. New tokens are capped per domain at the human continuation's length (64 wikiHow,
 128 books), so model and human texts have comparable lengths.
 
 Per-example records hold the prompt, the human and model continuations and per-text statistics; the
@@ -41,7 +42,8 @@ SPLITS = ("dev", "test")
 MAX_NEW_TOKENS = {"wikihow": 64, "books": 128}
 DEFAULT_JUDGE = "gemma3-270m"
 FIELDS = {"id": str, "domain": str, "split": str, "prompt": str, "human": str}
-_SETTINGS = ("domain", "split", "judge", "mauve_seed")
+_SETTINGS = ("domain", "split", "judge", "judge_dtype", "mauve_seed")
+JUDGE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class OpenEndedSettings:
     domain: str = "all"
     split: str = "test"
     judge: str = DEFAULT_JUDGE
+    judge_dtype: str = "float32"
     mauve_seed: int = 25
 
     @classmethod
@@ -64,6 +67,10 @@ class OpenEndedSettings:
         settings = cls(**extra)
         if settings.domain not in (*DOMAINS, "all"):
             raise ValueError(f"openended domain must be one of {', '.join(DOMAINS)} or all, got {settings.domain!r}")
+        if settings.judge_dtype not in JUDGE_DTYPES:
+            raise ValueError(
+                f"openended judge_dtype must be one of {', '.join(JUDGE_DTYPES)}, got {settings.judge_dtype!r}"
+            )
         if settings.split not in SPLITS:
             raise ValueError(f"openended split must be one of {', '.join(SPLITS)}, got {settings.split!r}")
         return settings
@@ -104,20 +111,21 @@ def text_metrics(continuations: Sequence[str], num_tokens: Sequence[int] | None 
 class Judge:
     """A local model that featurises and scores text for MAUVE, coherence and perplexity (loaded once)."""
 
-    _loaded: dict[str, object] = {}
+    _loaded: dict[tuple[str, str], object] = {}
+    _results: dict[tuple, dict] = {}  # per loaded judge: results shared by every run scored in this process
 
-    def __init__(self, reference: str, *, batch_size: int = 16):
+    def __init__(self, reference: str, *, batch_size: int = 16, dtype: str = "float32"):
         from cdlm.eval_harness.text_quality import HiddenStateFeatures
         from cdlm.models import load_model
 
-        if reference not in Judge._loaded:
-            Judge._loaded[reference] = load_model(reference, device="cpu", dtype="float32")
-        loaded = Judge._loaded[reference]
+        if (reference, dtype) not in Judge._loaded:
+            Judge._loaded[reference, dtype] = load_model(reference, device="cpu", dtype=dtype)
+        loaded = Judge._loaded[reference, dtype]
         self.reference = reference
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.features = HiddenStateFeatures(self.model, self.tokenizer, batch_size=batch_size)
         self.batch_size = batch_size
-        self._cache: dict[tuple, object] = {}
+        self._cache = Judge._results.setdefault((reference, id(self.model)), {})  # e.g. the human rows' pass
 
     def _cached(self, kind: str, texts: Sequence[str], compute):
         key = (kind, tuple(texts))
@@ -125,23 +133,23 @@ class Judge:
             self._cache[key] = compute(list(texts))
         return self._cache[key]
 
-    def mauve_features(self, prompts: Sequence[str], continuations: Sequence[str]):
-        """Last-token final hidden state of prompt + continuation (the whole document, as MAUVE's GPT-2)."""
-        texts = [p + c for p, c in zip(prompts, continuations)]
-        return self._cached("mauve", texts, self.features.last_token)
+    def documents(self, prompts: Sequence[str], continuations: Sequence[str], *, with_nll: bool):
+        """MAUVE features and continuation NLL of prompt + continuation (one forward; see ``score_documents``).
+        A pass with NLL also answers later requests without it."""
+        from cdlm.eval_harness.text_quality import score_documents
+
+        texts = (tuple(prompts), tuple(continuations))
+        for key in (("documents", True, texts), ("documents", with_nll, texts)):
+            if key in self._cache:
+                return self._cache[key]
+        scores = score_documents(
+            self.model, self.tokenizer, prompts, continuations, batch_size=self.batch_size, with_nll=with_nll
+        )
+        self._cache[("documents", with_nll, texts)] = scores
+        return scores
 
     def embeddings(self, texts: Sequence[str]):
         return self._cached("mean", texts, self.features.mean_pooled)
-
-    def nll(self, prompts: Sequence[str], continuations: Sequence[str]):
-        from cdlm.eval_harness.text_quality import continuation_nll
-
-        key = ("nll", tuple(prompts), tuple(continuations))
-        if key not in self._cache:
-            self._cache[key] = continuation_nll(
-                self.model, self.tokenizer, prompts, continuations, batch_size=max(1, self.batch_size // 2)
-            )
-        return self._cache[key]
 
 
 def judged_metrics(
@@ -153,6 +161,7 @@ def judged_metrics(
     mauve_seed: int = 25,
     with_perplexity: bool = True,
     with_mauve: bool = True,
+    with_coherence: bool = True,
 ) -> dict[str, float]:
     """MAUVE (vs the human continuations), coherence and perplexity of one domain's continuations.
 
@@ -163,25 +172,31 @@ def judged_metrics(
 
     result = {}
     if with_mauve:
-        model_features = judge.mauve_features(prompts, continuations)
-        human_features = judge.mauve_features(prompts, humans)
+        model_features = judge.documents(prompts, continuations, with_nll=with_perplexity).features
+        human_features = judge.documents(prompts, humans, with_nll=with_perplexity).features
         result["mauve"] = mauve_score(human_features.numpy(), model_features.numpy(), seed=mauve_seed)
     nonempty = [i for i, text in enumerate(continuations) if text.strip()]
-    if nonempty:
-        prompt_embeddings = judge.embeddings([prompts[i] for i in nonempty])
-        continuation_embeddings = judge.embeddings([continuations[i] for i in nonempty])
-        values = coherence(prompt_embeddings, continuation_embeddings)
-        result["coherence"] = sum(values) / len(values)
-    else:
-        result["coherence"] = math.nan
+    if with_coherence:
+        values = []
+        if nonempty:
+            prompt_embeddings = judge.embeddings([prompts[i] for i in nonempty])
+            continuation_embeddings = judge.embeddings([continuations[i] for i in nonempty])
+            values = coherence(prompt_embeddings, continuation_embeddings)
+        result["coherence"] = sum(values) / len(values) if values else math.nan
     if with_perplexity:  # the costly part with a large-vocabulary judge (Gemma 3: 262k-token softmax)
-        scored = judge.nll(prompts, continuations)
+        scored = judge.documents(prompts, continuations, with_nll=True).nll
         result["perplexity"] = perplexity([s for s, _ in scored], [n for _, n in scored])
     return result
 
 
 def corpus_metrics(
-    records: Sequence[dict], judge: str | None = DEFAULT_JUDGE, *, mauve_seed: int = 25, with_perplexity: bool = True
+    records: Sequence[dict],
+    judge: str | None = DEFAULT_JUDGE,
+    *,
+    mauve_seed: int = 25,
+    with_perplexity: bool = True,
+    with_coherence: bool = True,
+    judge_dtype: str = "float32",
 ) -> dict:
     """Every corpus-level metric of a run's records, per domain (``books/mauve``) and averaged over domains.
 
@@ -199,7 +214,7 @@ def corpus_metrics(
         model["empty"] = sum(not r["continuation"].strip() for r in rows) / len(rows)
         human = text_metrics([r["human"] for r in rows])
         if judge and judge != "none":
-            scorer = Judge(judge)
+            scorer = Judge(judge, dtype=judge_dtype)
             model.update(
                 judged_metrics(
                     scorer,
@@ -208,6 +223,7 @@ def corpus_metrics(
                     [r["human"] for r in rows],
                     mauve_seed=mauve_seed,
                     with_perplexity=with_perplexity,
+                    with_coherence=with_coherence,
                 )
             )
             human.update(
@@ -217,6 +233,7 @@ def corpus_metrics(
                     [r["human"] for r in rows],
                     [r["human"] for r in rows],
                     with_perplexity=with_perplexity,
+                    with_coherence=with_coherence,
                     with_mauve=False,
                 )
             )
@@ -284,4 +301,6 @@ class OpenEndedTask(Task):
         }
 
     def aggregate(self, records: Sequence[dict]) -> dict:
-        return corpus_metrics(records, self.settings.judge, mauve_seed=self.settings.mauve_seed)
+        return corpus_metrics(
+            records, self.settings.judge, mauve_seed=self.settings.mauve_seed, judge_dtype=self.settings.judge_dtype
+        )

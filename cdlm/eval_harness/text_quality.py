@@ -8,11 +8,11 @@
   last n-gram; ``include_last_ngram=True`` gives the textbook count). Fractions, not percentages.
 * ``mauve_score``: MAUVE (Pillutla et al. 2021) from the ``mauve-text`` package on precomputed features
   (``pip install 'cdlm[eval]'``); the papers use GPT-2 features, offline we use a local model's final
-  hidden state at the last token (``HiddenStateFeatures.last_token``), as ``mauve-text`` does with GPT-2.
+  hidden state at the last token (``score_documents``), as ``mauve-text`` does with GPT-2.
 * ``coherence``: cosine similarity of prompt and continuation embeddings (Su & Collier 2022,
   arXiv 2210.14140, with SimCSE); offline, mean-pooled final hidden states of a local model stand in.
-* ``continuation_nll``: negative log-likelihood of each continuation given its prompt under a
-  (different) judge model, for perplexity.
+* ``score_documents``: MAUVE features and the negative log-likelihood of each continuation given its prompt
+  under a (different) judge model, for perplexity, from one forward pass per document.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from cdlm.models.lm_head import head_logits
 
 REPETITION_ORDERS = (2, 3, 4)
 
@@ -102,11 +104,10 @@ def mauve_score(p_features, q_features, *, seed: int = 25, num_buckets: str | in
 
 @dataclass
 class HiddenStateFeatures:
-    """Text features from a local causal LM's final hidden states (after its final norm).
+    """Text embeddings from a local causal LM's final hidden states (after its final norm).
 
-    ``last_token``: the hidden state at the last token (MAUVE's featurisation, as ``mauve-text`` does
-    with GPT-2). ``mean_pooled``: the mean over the text's tokens (the SimCSE stand-in for coherence).
-    Texts are encoded with the model's own tokenizer (its special tokens included), in batches.
+    ``mean_pooled``: the mean over the text's tokens (the SimCSE stand-in for coherence). Texts are encoded
+    with the model's own tokenizer (its special tokens included), in batches.
     """
 
     model: torch.nn.Module
@@ -127,13 +128,6 @@ class HiddenStateFeatures:
                 hidden = self.model.get_decoder()(**batch).last_hidden_state.float()
             yield hidden, batch["attention_mask"]
 
-    def last_token(self, texts: Sequence[str]) -> torch.Tensor:
-        rows = []
-        for hidden, mask in self._encode(texts):
-            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last attended position (either padding side)
-            rows.append(hidden[torch.arange(hidden.shape[0]), last])
-        return torch.cat(rows) if rows else torch.empty(0)
-
     def mean_pooled(self, texts: Sequence[str]) -> torch.Tensor:
         rows = []
         for hidden, mask in self._encode(texts):
@@ -142,19 +136,30 @@ class HiddenStateFeatures:
         return torch.cat(rows) if rows else torch.empty(0)
 
 
-def continuation_nll(
+@dataclass
+class DocumentScores:
+    """What one judge pass over prompt + continuation documents yields."""
+
+    features: torch.Tensor  # (N, hidden): final hidden state at each document's last token (MAUVE's features)
+    nll: list[tuple[float, int]]  # per document: (sum of -log p(continuation tokens | prompt), their number)
+
+
+def score_documents(
     model: torch.nn.Module,
     tokenizer,
     prompts: Sequence[str],
     continuations: Sequence[str],
     *,
     batch_size: int = 8,
-) -> list[tuple[float, int]]:
-    """(sum of -log p(token | prompt, earlier tokens), number of tokens) of each continuation under ``model``.
+    with_nll: bool = True,
+) -> DocumentScores:
+    """MAUVE features and continuation NLL of prompt + continuation documents, from one forward each.
 
     Prompt and continuation are tokenised separately with ``model``'s tokenizer (the prompt with its
-    special tokens), so the split point is exact whatever tokenizer produced the text. An empty
-    continuation gives (0.0, 0).
+    special tokens), so the split point is exact whatever tokenizer produced the text; the lm_head runs
+    on continuation positions only (a large-vocabulary judge's head costs more than its body). An empty
+    continuation gives (0.0, 0) and the prompt's last-token feature. Without ``with_nll`` no head runs
+    and every NLL is (0.0, 0).
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
@@ -164,7 +169,8 @@ def continuation_nll(
         target = tokenizer(continuation, add_special_tokens=False)["input_ids"] if continuation else []
         encoded.append((context, target))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results: list[tuple[float, int]] = []
+    features: list[torch.Tensor] = []
+    nll: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         width = max(len(c) + len(t) for c, t in chunk)
@@ -174,14 +180,32 @@ def continuation_nll(
             sequence = context + target
             ids[row, : len(sequence)] = torch.tensor(sequence)
             mask[row, : len(sequence)] = 1
+        rows, positions, targets = [], [], []
+        for row, (context, target) in enumerate(chunk):  # the hidden state before each continuation token
+            rows += [row] * len(target)
+            positions += range(len(context) - 1, len(context) + len(target) - 1)
+            targets += target
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        for row, (context, target) in enumerate(chunk):
-            if not target:
-                results.append((0.0, 0))
+            hidden = model.get_decoder()(
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
+            ).last_hidden_state
+            last = torch.tensor([len(c) + len(t) - 1 for c, t in chunk])
+            features.append(hidden[torch.arange(len(chunk)), last].float())
+            if not with_nll:
+                nll += [(0.0, 0)] * len(chunk)
                 continue
-            positions = torch.arange(len(context) - 1, len(context) + len(target) - 1)
-            picked = log_probs[row, positions, torch.tensor(target, device=log_probs.device)]
-            results.append((float(-picked.sum()), len(target)))
-    return results
+            picked_hidden = hidden[torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)]
+            log_probs = torch.log_softmax(head_logits(model, picked_hidden).float(), dim=-1)
+            picked = -log_probs[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)]
+        start_of_row = 0
+        for _, target in chunk:
+            nll.append((float(picked[start_of_row : start_of_row + len(target)].sum()), len(target)))
+            start_of_row += len(target)
+    return DocumentScores(torch.cat(features) if features else torch.empty(0), nll)
+
+
+def continuation_nll(
+    model: torch.nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """(sum of -log p(token | prompt, earlier tokens), number of tokens) of each continuation under ``model``."""
+    return score_documents(model, tokenizer, prompts, continuations, batch_size=batch_size).nll
