@@ -8,10 +8,7 @@ Methods, all on the same input ids, thread count and CPU:
 * ``cs_per_row``: cdlm with ``candidate_layout="row_per_candidate"`` (4.55.4's layout, B*k cache rows);
 * ``tf455``: transformers 4.55.4's built-in contrastive search, in a persistent worker under ``.venv-tf455``
   (see ``benchmarks/record_contrastive_search_reference.py``);
-* ``prefill``: greedy with one new token, so decode-only times can be told apart from the shared prompt cost;
-* ``forward_1`` / ``forward_k``: the bare decode forwards over the prefilled prompt cache, one query token per row
-  (what greedy pays per step) vs k (what contrastive search pays, before any search work); their ratio is the
-  ceiling of contrastive search / greedy decode speed on this machine.
+* ``prefill``: greedy with one new token, so decode-only times can be told apart from the shared prompt cost.
 
 The machine is a shared, noisy 2-core box, so within each repeat the methods run back to back in an order that
 rotates between repeats, every run records the load average, and the report gives the median and the spread
@@ -119,7 +116,7 @@ class OldTransformers:
 
 
 GOAL = 0.85  # issue 14: contrastive search >= 0.85x greedy tokens/s at batch 8 with ~900-token prompts
-METHODS = ("prefill", "greedy", "cs", "cs_per_row", "tf455", "forward_1", "forward_k")
+METHODS = ("prefill", "greedy", "cs", "cs_per_row", "tf455")
 
 
 def _long_prompts(batch_size: int) -> list[str]:
@@ -215,38 +212,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     tokenizer.padding_side = "left"
 
-    def run_forwards(queries: int, request: dict) -> dict:
-        """``max_new_tokens`` decode forwards of ``queries`` tokens per row over the prompt's cache, which is
-        cropped back to one new position after each (as contrastive search keeps one candidate)."""
-        from transformers import DynamicCache
-
-        ids, mask = torch.tensor(request["input_ids"]), torch.tensor(request["attention_mask"])
-        batch = ids.shape[0]
-        cache = DynamicCache()
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-            position = mask.sum(-1, keepdim=True)
-            step_ids = ids[:, -1:].repeat(1, queries)
-            began = time.perf_counter()
-            for _ in range(request["max_new_tokens"]):
-                mask = torch.cat([mask, mask.new_ones(batch, queries)], dim=-1)
-                model(
-                    input_ids=step_ids,
-                    attention_mask=mask,
-                    position_ids=position.expand(batch, queries),
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                if queries > 1:
-                    cache.crop(1 - queries)
-                    mask = mask[:, : 1 - queries]
-                position = position + 1
-            seconds = time.perf_counter() - began
-        return {"seconds": seconds, "output_ids": []}
-
     def run_cdlm(method: str, request: dict) -> dict:
-        if method.startswith("forward_"):
-            return run_forwards(1 if method == "forward_1" else request["top_k"], request)
         new_tokens = 1 if method == "prefill" else request["max_new_tokens"]
         kwargs = {}
         if method in ("cs", "cs_per_row"):
@@ -339,7 +305,6 @@ def main() -> None:
             ("tf455", "greedy"),
             ("cs", "tf455"),
             ("cs", "cs_per_row"),
-            ("forward_k", "forward_1"),
         ]
         for a, b in pairs:
             if a in methods and b in methods:
@@ -410,8 +375,7 @@ def write_report(record: dict, output: Path) -> None:
         "Ratios: tokens/s of the first method over the second, median [min..max] over rounds; 'decode only' "
         "subtracts the round's prefill time (greedy with 1 new token) from both. A ratio whose (max-min)/median "
         f"exceeds {record['max_spread']} is inconclusive. cs = cdlm default (shared context), cs_per_row = B*k cache rows "
-        "(4.55.4's layout), tf455 = transformers 4.55.4 built-in; forward_k/forward_1 = the bare decode forward with k query "
-        "tokens per row over the prompt cache vs 1 (the ceiling of cs/greedy decode only).",
+        "(4.55.4's layout), tf455 = transformers 4.55.4 built-in.",
         "",
         "| k x batch, new tokens | prompts (tokens) | load avg | tok/s (median [min..max]) | ratio | median [min..max] | verdict | identical |",
         "|---|---|---|---|---|---|---|:---:|",

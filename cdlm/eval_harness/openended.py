@@ -175,8 +175,8 @@ def judged_metrics(
         model_features = judge.documents(prompts, continuations, with_nll=with_perplexity).features
         human_features = judge.documents(prompts, humans, with_nll=with_perplexity).features
         result["mauve"] = mauve_score(human_features.numpy(), model_features.numpy(), seed=mauve_seed)
-    nonempty = [i for i, text in enumerate(continuations) if text.strip()]
     if with_coherence:
+        nonempty = [i for i, text in enumerate(continuations) if text.strip()]
         values = []
         if nonempty:
             prompt_embeddings = judge.embeddings([prompts[i] for i in nonempty])
