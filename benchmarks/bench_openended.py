@@ -125,7 +125,7 @@ def score(args) -> None:
     import torch
 
     from cdlm.eval_harness.data import load_rows
-    from cdlm.eval_harness.openended import MAX_NEW_TOKENS, corpus_metrics, human_prefix
+    from cdlm.eval_harness.openended import MAX_NEW_TOKENS, OpenEndedTask, corpus_metrics, human_prefix
 
     by_id = {row["id"]: row for row in load_rows(None, "openended")[0]}
 
@@ -159,6 +159,7 @@ def score(args) -> None:
                 "perplexity": not args.no_perplexity and judge == args.judges[0],
                 "coherence": judge == args.judges[0],  # other judges: MAUVE only (does the ranking hinge on it?)
                 "samples_sha256": hashlib.sha256((folder / "samples.jsonl").read_bytes()).hexdigest(),
+                "task_version": OpenEndedTask.version,  # metric definitions change with it
             }
             stored = folder / f"judged-{judge}.json"  # a finished scoring is reused while nothing it used changed
             earlier = json.loads(stored.read_text()) if stored.exists() else {}

@@ -22,6 +22,7 @@ same for the human continuations under ``human/...``) are computed in ``aggregat
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -112,7 +113,8 @@ class Judge:
     """A local model that featurises and scores text for MAUVE, coherence and perplexity (loaded once)."""
 
     _loaded: dict[tuple[str, str], object] = {}
-    _results: dict[tuple, dict] = {}  # per loaded judge: results shared by every run scored in this process
+    # per judge model: results shared by every run scored in this process (e.g. the human rows' pass)
+    _results: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
     def __init__(self, reference: str, *, batch_size: int = 16, dtype: str = "float32"):
         from cdlm.eval_harness.text_quality import HiddenStateFeatures
@@ -125,7 +127,7 @@ class Judge:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.features = HiddenStateFeatures(self.model, self.tokenizer, batch_size=batch_size)
         self.batch_size = batch_size
-        self._cache = Judge._results.setdefault((reference, id(self.model)), {})  # e.g. the human rows' pass
+        self._cache = Judge._results.setdefault(self.model, {})
 
     def _cached(self, kind: str, texts: Sequence[str], compute):
         key = (kind, tuple(texts))
@@ -215,28 +217,11 @@ def corpus_metrics(
         human = text_metrics([r["human"] for r in rows])
         if judge and judge != "none":
             scorer = Judge(judge, dtype=judge_dtype)
-            model.update(
-                judged_metrics(
-                    scorer,
-                    prompts,
-                    [r["continuation"] for r in rows],
-                    [r["human"] for r in rows],
-                    mauve_seed=mauve_seed,
-                    with_perplexity=with_perplexity,
-                    with_coherence=with_coherence,
-                )
-            )
-            human.update(
-                judged_metrics(
-                    scorer,
-                    prompts,
-                    [r["human"] for r in rows],
-                    [r["human"] for r in rows],
-                    with_perplexity=with_perplexity,
-                    with_coherence=with_coherence,
-                    with_mauve=False,
-                )
-            )
+            humans = [r["human"] for r in rows]
+            passes = {"with_perplexity": with_perplexity, "with_coherence": with_coherence}
+            continuations = [r["continuation"] for r in rows]
+            model.update(judged_metrics(scorer, prompts, continuations, humans, mauve_seed=mauve_seed, **passes))
+            human.update(judged_metrics(scorer, prompts, humans, humans, with_mauve=False, **passes))
         per_domain[domain] = (model, human)
         results.update({f"{domain}/{k}": v for k, v in model.items()})
         results.update({f"{domain}/human/{k}": v for k, v in human.items()})
