@@ -167,20 +167,11 @@ def progress(message: str) -> None:
 
 
 def read_text_lines(path: str, flag: str, what: str = "lines") -> list[str]:
-    """The non-blank lines of a UTF-8 text file given by ``flag``; a directory, a missing or non-UTF-8
-    file, or one without a single non-blank line is a one-line ``ValueError`` naming the flag and file."""
-    from pathlib import Path
+    """The non-blank lines (split at "\\n" only) of a UTF-8 file or stream (``/dev/stdin``, a pipe) given by
+    ``flag``; a directory, a missing or non-UTF-8 file, or one without a non-blank line is a one-line error."""
+    from cdlm.textio import read_text_lines as read_lines
 
-    file = Path(path)
-    if file.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a text file with one of the {what} per line")
-    if not file.is_file():
-        raise ValueError(f"{flag} {path} does not exist")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{flag} {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    kept = [line for line in lines if line.strip()]
+    kept = read_lines(path, f"{flag}")
     if not kept:
         raise ValueError(f"{flag} {path} has no {what} (it is empty or holds only blank lines)")
     return kept

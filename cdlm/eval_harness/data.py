@@ -8,11 +8,13 @@ front so a malformed file fails with the file, row number and missing field name
 
 from __future__ import annotations
 
-import gzip
-import json
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from cdlm.textio import MalformedRowError, read_jsonl
+
+__all__ = ["MalformedRowError", "read_jsonl", "load_rows", "validate_rows", "take", "packaged_path"]
 
 # name -> file inside cdlm/data
 PACKAGED = {
@@ -33,48 +35,11 @@ HUB = {
 }
 
 
-class MalformedRowError(ValueError):
-    """A data row lacks a field (or has the wrong type) that the task needs."""
-
-
 def packaged_path(name: str) -> Path:
     """Path of a packaged data file, e.g. ``packaged_path("gsm8k/test")``."""
     if name not in PACKAGED:
         raise ValueError(f"unknown packaged dataset {name!r}; known: {', '.join(PACKAGED)}")
     return Path(str(resources.files("cdlm") / "data" / PACKAGED[name]))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a ``.jsonl`` or ``.jsonl.gz`` file; a bad line (not JSON, not an object, not UTF-8) is
-    reported with the file and its line number."""
-    path = Path(path)
-    if not path.is_file():
-        kind = "a directory, not a data file" if path.is_dir() else "not found"
-        raise FileNotFoundError(f"data file {path} is {kind}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rb") as handle:
-            for line_number, raw in enumerate(handle, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise MalformedRowError(
-                        f"{path}: line {line_number} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
-                        f"column {error.start + 1})"
-                    ) from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise MalformedRowError(f"{path}: line {line_number} is not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise MalformedRowError(f"{path}: line {line_number} is not a JSON object")
-                rows.append(row)
-    except (gzip.BadGzipFile, EOFError) as error:
-        raise MalformedRowError(f"{path}: not a readable gzip file ({error})") from None
-    return rows
 
 
 def load_hub(name: str) -> list[dict]:
@@ -123,9 +88,3 @@ def take(rows: Sequence[dict], limit: int | None) -> list[dict]:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
     return list(rows if limit is None else rows[:limit])
 
-
-def write_jsonl_gz(rows: Iterable[dict], path: str | Path) -> None:
-    """Deterministic gzip jsonl (mtime 0), the format of the packaged files."""
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle:
-        for row in rows:
-            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
