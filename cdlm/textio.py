@@ -104,7 +104,7 @@ def read_jsonl(path: str | Path, what: str = "data file") -> list[dict[str, Any]
 
 
 def dumps_line(row: Any) -> str:
-    """One jsonl line (no newline): UTF-8 text as is, with every line separator escaped, so any reader sees one line."""
+    """One jsonl line (no newline): UTF-8 as is, every line separator escaped, so any reader sees one line."""
     text = json.dumps(row, ensure_ascii=False)
     # json.dumps escapes "\n" but leaves U+2028/U+2029/U+0085 raw; escaped they read back identically.
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\u0085", "\\u0085")
