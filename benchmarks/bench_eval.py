@@ -48,9 +48,9 @@ def main() -> int:
 
     from cdlm.decoding.methods import get_method
     from cdlm.eval_harness import EvalConfig, evaluate
-    from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
     from cdlm.eval_harness.report import markdown_table, plot
     from cdlm.models import load_amateur, load_model
+    from cdlm.runs import atomic_write_json, atomic_write_text
 
     loaded = load_model(args.model, dtype="float32", device="cpu")
     config = EvalConfig(

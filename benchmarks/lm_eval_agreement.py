@@ -6,7 +6,7 @@ What it does (rerunnable; lm-eval lives in its own venv so cdlm's stays untouche
 
 1. Sets up ``.venv-lmeval`` if missing: ``pip install torch==2.13.0 transformers==5.19.0 lm-eval[hf]==0.4.13``,
    plus cdlm itself (``pip install --no-deps -e .``) for ``cdlm-lm-eval --model cdlm`` (``cdlm.eval_harness.lm_eval_model``).
-2. Writes the documents to local jsonl files and lm-eval task YAMLs (``benchmarks/lm_eval_tasks``,
+2. Writes the documents to local jsonl files and lm-eval task YAMLs (the packaged templates in ``cdlm/data/lm_eval_tasks``,
    ``dataset_path: json``): HellaSwag from the packaged ``validation_olmo1000`` file (the exact lm-eval
    rendering of 1,000 validation docs) and GSM8K test/train.
 3. Runs lm-eval's HF backend on cdlm's cached safetensors folder of the model (the folder
@@ -42,7 +42,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 MACHINE = describe_machine()  # taken at start, before this run loads the cores
-TASKS_DIR = ROOT / "benchmarks" / "lm_eval_tasks"
 
 DRIVER = r"""
 import json, sys, time
@@ -114,6 +113,7 @@ def model_folder(name: str) -> Path:
 
 def write_inputs(workdir: Path, hellaswag_docs: int, gsm8k_docs: int) -> Path:
     from cdlm.eval_harness.data import packaged_path, read_jsonl
+    from cdlm.eval_harness.lm_eval_tasks import write_task_dir
 
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -131,12 +131,7 @@ def write_inputs(workdir: Path, hellaswag_docs: int, gsm8k_docs: int) -> Path:
         "__TRAIN__": str(data / "gsm8k_train.jsonl"),
         "__TEST__": str(data / "gsm8k_test.jsonl"),
     }
-    for template in TASKS_DIR.glob("*.yaml"):
-        text = template.read_text(encoding="utf-8")
-        for key, value in replacements.items():
-            text = text.replace(key, value)
-        (include / template.name).write_text(text, encoding="utf-8")
-    return include
+    return write_task_dir(include, replacements)
 
 
 def run_lm_eval(python: Path, folder: Path, include: Path, workdir: Path, tasks: dict, batch_size: int) -> dict:
@@ -269,7 +264,7 @@ def _gsm8k_samples(lm_eval_task_out: dict) -> list[dict]:
 
 
 def write_gsm8k_fixture(lm_eval_task_out: dict, model: str, k: int) -> None:
-    from cdlm.eval_harness.records import atomic_write_json
+    from cdlm.runs import atomic_write_json
 
     samples = _gsm8k_samples(lm_eval_task_out)[:k]
     fixture = {
@@ -312,8 +307,8 @@ def main() -> int:
     import torch
 
     from cdlm.eval_harness.data import packaged_path, read_jsonl
-    from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
     from cdlm.models import load_model
+    from cdlm.runs import atomic_write_json, atomic_write_text
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

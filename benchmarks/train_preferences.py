@@ -61,7 +61,9 @@ def run(method: str, args: argparse.Namespace, cache: dict) -> dict:
     extra = {}
     if method == "sparsepo":
         extra = dict(
-            sparsepo_mask_type=args.mask_type, sparsepo_mask_l1=args.mask_l1, sparsepo_layers=args.mask_layers
+            sparsepo_mask_type=args.mask_type,
+            sparsepo_mask_l1=args.mask_l1 if args.mask_type == "learned" else 0.0,  # activation masks have no L1
+            sparsepo_layers=args.mask_layers,
         )
     config = PreferenceConfig(
         output_dir=str(Path(args.work_dir) / method),

@@ -4,6 +4,8 @@ The output should be likely given the prompt x and unlikely given the contrastiv
 here x' drops the detail that x asks about, so CID leans toward text specific to that detail.
 
     python examples/contrastive_input_decoding.py
+
+Prints, for two (x, x') pairs, the greedy and the CID answer to x (48 new tokens each); writes nothing.
 """
 
 import os

@@ -97,7 +97,7 @@ def test_generate_compares_methods_with_throughput_table(capsys, tiny_model_dir)
         (["generate", "--model", "no-such-model"], "smollm2-135m-instruct"),
         (["generate", "--method", "telepathy"], "unknown decoding method 'telepathy'"),
         (["generate", "--method", "sample", "--temperature", "0"], "temperature must be > 0"),
-        (["generate", "--max-new-tokens", "0"], "max_new_tokens must be > 0"),
+        (["generate", "--max-new-tokens", "0"], "--max-new-tokens must be an integer > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(capsys, tiny_model_dir, argv, message):

@@ -263,3 +263,16 @@ def test_on_policy_resampling_replaces_student_responses(tmp_path, tok, pairs):
     assert after != before
     assert all(len(ids) <= 6 for ids in after)
     assert all("rejected_teacher_logp" in r for r in trainer.train_dataset.rows)
+
+
+def test_head_of_a_bf16_model_accepts_float32_hidden_states():
+    """Mixed precision hands float32 hidden states to a bf16 head; the logits must equal the bf16 head's own."""
+    from cdlm.alignment.distill.trainer import _logits_fn
+
+    model = testing.tiny_llama(0).to(torch.bfloat16)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    vocab = model.config.vocab_size - 3
+    logits = _logits_fn(model, vocab)(hidden)
+    expected = model.get_output_embeddings()(hidden.to(torch.bfloat16))[:, :vocab]
+    assert logits.dtype == torch.bfloat16
+    assert torch.equal(logits, expected)

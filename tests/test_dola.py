@@ -12,8 +12,8 @@ import torch
 
 import cdlm.decoding.dola as dola_module
 from cdlm import testing
-from cdlm.decoding.dola import DolaMethod, candidate_layers, dola, dola_contrast, dola_generate
-from cdlm.decoding.methods import get_method
+from cdlm.decoding.dola import candidate_layers, dola, dola_contrast, dola_generate
+from cdlm.decoding.methods import DolaMethod, get_method
 from cdlm.decoding.runner import generate as run_generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -106,7 +106,7 @@ def test_two_processes_equal_one_on_hellaswag(setup):
     assert cli_main(_argv("hellaswag", folder, hs, work / "hs1")) == 0
     completed = _torchrun(_argv("hellaswag", folder, hs, work / "hs2"))
     # Rank 0 (the only one that prints) scored just its chunk; the merged run is complete, so rank 1 did the rest.
-    assert "[hellaswag | cd | rank 0/2] 32/32 examples" in completed.stderr
+    assert "[hellaswag | cd | rank 0/2]: 32/32 (100%)" in completed.stderr
     _same_results(work / "hs1", work / "hs2")
 
 

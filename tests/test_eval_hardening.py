@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from functools import partial
 
 import pytest
 
@@ -122,7 +123,7 @@ def test_resume_refuses_changed_hyperparameters_and_task_version(loaded, tmp_pat
     data = _write(tmp_path / "hs.jsonl", HELLASWAG_ROWS)
     config = EvalConfig(task="hellaswag", data=str(data))
     amateur = EarlyExitAmateur(loaded.model, 1)
-    cd = get_method("cd")
+    cd = partial(get_method("cd"), cd_formulation="obrien-lewis")  # the form whose weight beta is
     evaluate(loaded, cd(loaded.model, loaded.tokenizer, amateur=amateur, beta=0.5), config, tmp_path / "run", **QUIET)
     with pytest.raises(ValueError, match=r"method\.beta: 0\.5 -> 0\.25"):
         evaluate(
@@ -213,25 +214,25 @@ def test_samples_row_without_index_names_the_file_and_line(loaded, tmp_path):
     record = json.loads(second)
     del record["index"]
     samples.write_text(first + "\n" + json.dumps(record) + "\n")
-    with pytest.raises(ValueError, match=r"samples\.jsonl: line 2 has no integer 'index' field"):
+    with pytest.raises(ValueError, match=r"samples\.jsonl:2 has no integer 'index' field"):
         evaluate(loaded, _greedy(loaded), config, tmp_path / "run", **QUIET)
 
 
 def test_non_utf8_and_malformed_json_lines_name_file_and_line(tmp_path):
     plain = tmp_path / "latin1.jsonl"
     plain.write_bytes(b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "b"}\n')
-    with pytest.raises(MalformedRowError, match=r"latin1\.jsonl: line 2 is not UTF-8 text"):
+    with pytest.raises(MalformedRowError, match=r"latin1\.jsonl:2 is not UTF-8 text"):
         read_jsonl(plain)
     packed = tmp_path / "broken.jsonl.gz"
     with gzip.open(packed, "wb") as handle:
         handle.write(b'{"a": 1}\n\n{"a": 2}\n{"a": \n')
-    with pytest.raises(MalformedRowError, match=r"broken\.jsonl\.gz: line 4 is not valid JSON"):
+    with pytest.raises(MalformedRowError, match=r"broken\.jsonl\.gz:4 is not valid JSON"):
         read_jsonl(packed)
     not_gzip = tmp_path / "plain.jsonl.gz"
     not_gzip.write_text('{"a": 1}\n')
-    with pytest.raises(MalformedRowError, match=r"plain\.jsonl\.gz: not a readable gzip file"):
+    with pytest.raises(MalformedRowError, match=r"plain\.jsonl\.gz is not a readable gzip file"):
         read_jsonl(not_gzip)
-    with pytest.raises(FileNotFoundError, match="is a directory"):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
         read_jsonl(tmp_path)
 
 
@@ -249,7 +250,8 @@ def test_apply_chat_template_renders_prompts_and_drops_the_target_delimiter(load
     context = "<s>user: Cooking: A man cuts onions. He</s><s>assistant:"
     request = encode_request(loaded.tokenizer, context, HELLASWAG_ROWS[0]["endings"], add_special_tokens=False)
     expected, _ = score_requests(loaded.model, loaded.tokenizer, [request])
-    assert record["expert_loglikelihoods"] == pytest.approx([s.loglikelihood for s in expected[0]], abs=1e-5)
+    # float32: the batch's shapes move the last bits
+    assert record["expert_loglikelihoods"] == pytest.approx([s.loglikelihood for s in expected[0]], rel=1e-6)
 
     gsm = _write(tmp_path / "gsm.jsonl", GSM8K_ROWS)
     config = EvalConfig(
@@ -333,7 +335,7 @@ def test_methods_supply_their_scoring_rules(loaded):
 
     assert cd.scoring_rule() == ScoringRule("contrastive", contrast="amateur", weight=DEFAULT_BETA, amateur=amateur)
     assert cd.scoring_rule().amateur is amateur
-    li = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur, beta=0.3)  # Li: the default formulation
+    li = get_method("cd")(loaded.model, loaded.tokenizer, amateur=amateur)  # Li: the default formulation
     assert li.scoring_rule().weight == 1.0  # Li et al.'s rule subtracts the amateur with weight 1
     cid = get_method("cid")(loaded.model, loaded.tokenizer)
     assert cid.scoring_rule().contrast == "contrastive-input" and cid.scoring_rule().weight == DEFAULT_CID_LAMBDA

@@ -11,8 +11,8 @@ from cdlm import testing
 from cdlm.cli import main as cli_main
 from cdlm.decoding.methods import get_method
 from cdlm.eval_harness import EvalConfig, evaluate
-from cdlm.eval_harness.records import atomic_write_json
 from cdlm.models import EarlyExitAmateur, load_model
+from cdlm.runs import atomic_write_json
 
 HELLASWAG_ROWS = [
     {
@@ -189,14 +189,14 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 def _fail(path):
-    from cdlm.eval_harness import records
+    from cdlm import runs
 
-    original = records.os.replace
-    records.os.replace = lambda *a: (_ for _ in ()).throw(TypeError("boom"))
+    original = runs.os.replace
+    runs.os.replace = lambda *a: (_ for _ in ()).throw(TypeError("boom"))
     try:
-        records.atomic_write_json(path, {"a": 2})
+        runs.atomic_write_json(path, {"a": 2})
     finally:
-        records.os.replace = original
+        runs.os.replace = original
 
 
 def test_config_errors_name_the_problem():

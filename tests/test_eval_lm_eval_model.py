@@ -23,10 +23,10 @@ from cdlm import testing
 from cdlm.decoding.methods import get_method
 from cdlm.eval_harness import EvalConfig, evaluate
 from cdlm.eval_harness.data import packaged_path, read_jsonl
+from cdlm.eval_harness.lm_eval_tasks import write_task_dir
 from cdlm.models import EarlyExitAmateur, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_TEMPLATES = ROOT / "benchmarks" / "lm_eval_tasks"
 HELLASWAG_DOCS, GSM8K_DOCS, EXIT_LAYER, BETA, MAX_GEN = 6, 3, 2, 0.5, 8
 
 
@@ -68,13 +68,12 @@ def setup(tmp_path_factory):
         "__TEST__": data / "gsm8k_test.jsonl",
         "num_fewshot: 5": "num_fewshot: 1",
     }
-    for template in TASK_TEMPLATES.glob("*.yaml"):
-        text = template.read_text(encoding="utf-8")
-        for key, value in replacements.items():
-            text = text.replace(key, str(value))
-        (tasks / template.name).write_text(text, encoding="utf-8")
+    write_task_dir(tasks, replacements)
     out = work / "lm_eval_out"
-    model_args = f"pretrained={folder},method=cd,amateur=early-exit:{EXIT_LAYER},beta={BETA},dtype=float32"
+    model_args = (
+        f"pretrained={folder},method=cd,amateur=early-exit:{EXIT_LAYER},cd_formulation=obrien-lewis,beta={BETA},"
+        "dtype=float32"
+    )
     command = [
         PYTHON,
         "-m",
@@ -117,7 +116,11 @@ def setup(tmp_path_factory):
     }
     loaded = load_model(str(folder), dtype="float32", device="cpu")
     method = get_method("cd")(
-        loaded.model, loaded.tokenizer, amateur=EarlyExitAmateur(loaded.model, EXIT_LAYER), beta=BETA
+        loaded.model,
+        loaded.tokenizer,
+        amateur=EarlyExitAmateur(loaded.model, EXIT_LAYER),
+        cd_formulation="obrien-lewis",
+        beta=BETA,
     )
     ours = {
         "hellaswag": evaluate(

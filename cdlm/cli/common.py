@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 from cdlm.decoding.methods import _METHODS, DecodingMethod, Param, get_method
 from cdlm.models.registry import DEFAULT_MODEL, default_amateur
+from cdlm.progress import is_main_process  # noqa: F401  (re-exported: commands import it from here)
+from cdlm.progress import message as progress_message
 
 if TYPE_CHECKING:  # loading imports torch: only inside the functions that load
     from cdlm.models.loading import LoadedModel
@@ -38,22 +40,114 @@ def add_runtime_arguments(group) -> None:
     group.add_argument(
         "--verbose", action="store_true", help="show library progress bars (tokenizing, weight loading)"
     )
+    group.add_argument(
+        "--quiet", action="store_true", help="no progress output on stderr (bars, status lines); results still print"
+    )
 
 
 def apply_runtime_arguments(args: argparse.Namespace) -> None:
-    """Called by the CLI before a command runs: quiet progress bars, thread count (validated first)."""
+    """Called by the CLI before a command runs: quiet switch, library progress bars, thread count (validated first)."""
     import os
+
+    from cdlm import progress as progress_module
 
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    if not getattr(args, "verbose", False):
+    if getattr(args, "quiet", False) and getattr(args, "verbose", False):
+        raise ValueError("--quiet and --verbose contradict each other: give one")
+    progress_module.set_quiet(getattr(args, "quiet", False))
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
         for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
             os.environ.setdefault(name, "1")
-    if threads is not None:
-        import torch
+    # The variables are read when a library is imported; one imported already (a library caller, a test)
+    # is switched through its own API, so the first model load's bars follow the same default.
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
 
-        torch.set_num_threads(threads)
+        (transformers_logging.enable_progress_bar if verbose else transformers_logging.disable_progress_bar)()
+    if "huggingface_hub" in sys.modules:
+        import huggingface_hub.utils
+
+        (huggingface_hub.utils.enable_progress_bars if verbose else huggingface_hub.utils.disable_progress_bars)()
+    if hasattr(args, "threads"):
+        set_torch_threads(threads)
+
+
+_THREADS_SOURCE = "torch's default"
+
+
+def default_threads(environ=None) -> tuple[int, str]:
+    """``(threads, why)`` for torch when the user chose none: one per physical core this process may use.
+
+    Logical CPUs (hyperthreads), CPUs outside ``os.sched_getaffinity`` and a cgroup CPU quota only add
+    threads that contend (on a loaded 2-core machine greedy SmolLM2 ran 0.3 tokens/s on 2 threads, 5.5
+    on 1). The machine's current load is deliberately not used: the thread count can change float
+    results, so the same command must pick the same count. Under torchrun every process gets 1.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    try:
+        if int(environ.get("LOCAL_WORLD_SIZE", environ.get("WORLD_SIZE", "1"))) > 1:
+            return 1, "default: 1 per torchrun process"
+    except ValueError:
+        pass
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    for cpu in allowed:
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
+                cores.add((package.read().strip(), core.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    count = max(1, len(cores))
+    try:  # cgroup v2 quota, e.g. "200000 100000" = 2 CPUs; "max" = none
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return count, f"default: {count} physical cores (--threads to change)"
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """``--threads``, else ``OMP_NUM_THREADS`` (torch reads it), else :func:`default_threads`."""
+    import os
+
+    import torch
+
+    global _THREADS_SOURCE
+    if threads is not None:
+        chosen, _THREADS_SOURCE = threads, "--threads"
+    elif os.environ.get("OMP_NUM_THREADS"):
+        _THREADS_SOURCE = "OMP_NUM_THREADS"
+        return
+    else:
+        chosen, _THREADS_SOURCE = default_threads()
+    if torch.get_num_threads() != chosen:
+        torch.set_num_threads(chosen)
+
+
+def torch_threads() -> str:
+    """``"2 torch threads (--threads)"``: printed next to throughput, which depends on it."""
+    import torch
+
+    return f"{torch.get_num_threads()} torch threads ({_THREADS_SOURCE})"
+
+
+def check_text_argument(value: str, flag: str) -> str:
+    """``value`` when it is UTF-8 text; a command line with other bytes reaches Python as surrogate escapes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(value[error.start])
+        shown = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"code point {code:#06x}"
+        raise ValueError(f"{flag} is not UTF-8 text ({shown} at character {error.start + 1})") from None
+    return value
 
 
 def _method_params() -> dict[str, list[tuple[str, Param]]]:
@@ -92,23 +186,53 @@ def add_method_arguments(parser: argparse.ArgumentParser, *, multiple: bool = Fa
         group.add_argument(first.flag, dest=first.name, type=first.type, default=None, help=help_text)
 
 
+def given_hyperparameters(method_class: type[DecodingMethod], args: argparse.Namespace) -> dict:
+    """The hyperparameters of ``method_class`` given on the command line (None: not given)."""
+    return {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
+
+
+def check_method_settings(args: argparse.Namespace, names: list[str]) -> None:
+    """Validate every method's settings before a model loads, and refuse settings no chosen method uses.
+
+    A flag that none of ``names`` reads (``--beta`` with ``cs``, ``--temperature`` or ``--amateur`` with
+    ``greedy``) would be accepted and change nothing, so it is refused, as is ``--beta`` with CD's li form.
+    """
+    classes = [get_method(name) for name in names]
+    for method_class in classes:
+        method_class.resolve_hyperparameters(given_hyperparameters(method_class, args))
+    for flag_name, uses in _method_params().items():
+        if getattr(args, flag_name, None) is None:
+            continue
+        if not any(param.name == flag_name for method_class in classes for param in method_class.params):
+            flag = uses[0][1].flag
+            users = sorted({method for method, _ in uses})
+            raise ValueError(
+                f"{flag} is not a setting of method(s) {', '.join(names)} (it is used by {', '.join(users)}); "
+                f"drop it, or add --method {users[0]}"
+            )
+    if getattr(args, "amateur", None) is not None and not any(c.needs_amateur for c in classes):
+        raise ValueError(
+            f"--amateur is not used by method(s) {', '.join(names)} (only contrastive decoding, --method cd, "
+            "has an amateur); drop it"
+        )
+
+
 def build_method(name: str, args: argparse.Namespace, expert: LoadedModel, amateur_cache: dict) -> DecodingMethod:
     """Instantiate method ``name`` with the hyperparameters given on the command line."""
     method_class = get_method(name)
-    params = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
+    params = given_hyperparameters(method_class, args)
     amateur = None
     if method_class.needs_amateur:
-        spec = args.amateur or default_amateur(args.model, _num_layers(expert))
+        spec = args.amateur
+        if spec is None:
+            spec, why = default_amateur(expert.model.config)
+            progress(f"[{name}] amateur: {spec} ({why}; choose another with --amateur)")
         if spec not in amateur_cache:
             from cdlm.models.loading import load_amateur
 
             amateur_cache[spec] = load_amateur(spec, expert, dtype=args.dtype)
         amateur = amateur_cache[spec]
     return method_class(expert.model, expert.tokenizer, amateur=amateur, **params)
-
-
-def _num_layers(expert: LoadedModel) -> int:
-    return int(getattr(expert.model.config, "num_hidden_layers", 4))
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
@@ -153,17 +277,9 @@ def generator_from_args(args: argparse.Namespace, **engine_options):
     return runner_compatible(engine)
 
 
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate launch (or a plain run): the one process that reports and writes."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def progress(message: str) -> None:
-    """A progress line on stderr, from the main process only (N ranks would print it N times)."""
-    if is_main_process():
-        print(message, file=sys.stderr, flush=True)
+    """A progress line on stderr, from the main process only (N ranks would print it N times), unless --quiet."""
+    progress_message(message)
 
 
 def read_text_lines(path: str, flag: str, what: str = "lines") -> list[str]:

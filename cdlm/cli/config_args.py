@@ -4,6 +4,9 @@ Every setting has one name everywhere: the config field ``gradient_accumulation_
 ``--gradient-accumulation-steps`` in ``cdlm train``, ``cdlm distill train`` and ``cdlm rl``, and the key
 ``gradient_accumulation_steps`` in a ``--config`` YAML file. Defaults come from the dataclass alone.
 
+Values are checked before anything runs (:func:`check_setting_values`): the kind a field declares (a YAML
+value too), finite numbers, and the ranges of :data:`cdlm.alignment.settings.RANGES`, naming the flag.
+
 Which fields become flags: those a cdlm config declares itself, plus ``COMMON_TRAINING_FIELDS`` of
 ``TrainingArguments``. Every other field of the config is still accepted from the YAML file.
 
@@ -237,6 +240,21 @@ def given_settings(args: argparse.Namespace, specs: list[FieldSpec]) -> dict[str
             value = getattr(args, spec.name)
             settings[spec.name] = None if spec.optional and value == "none" else value
     return settings
+
+
+def check_setting_values(settings: dict[str, Any], specs: list[FieldSpec]) -> None:
+    """Refuse, naming the flag, a non-finite or out-of-range number or a value of the wrong kind (YAML)."""
+    from cdlm.alignment.settings import check_value
+
+    by_name = {spec.name: spec for spec in specs}
+    for name, value in settings.items():
+        spec = by_name.get(name)
+        shown = spec.flag if spec is not None else name
+        if spec is not None and value is not None and not spec.multiple:
+            expected = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}[spec.kind]
+            if not isinstance(value, expected) or (spec.kind != "bool" and isinstance(value, bool)):
+                raise ValueError(f"{shown} must be a{'n' if spec.kind == 'int' else ''} {spec.kind}, got {value!r}")
+        check_value(name, value, shown)
 
 
 def split_settings(settings: dict[str, Any], *config_classes: type) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -115,7 +114,9 @@ def run_ches(args: argparse.Namespace) -> int:
     _validate(args)
     from cdlm.alignment.preference.ches import CHESSettings, score_pairs, top_fraction
     from cdlm.alignment.preference.data import load_preference_dataset
-    from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
+    from cdlm.progress import Tracker
+    from cdlm.runs import atomic_write_json, atomic_write_text
+    from cdlm.textio import dumps_line
 
     dataset = load_preference_dataset(args.dataset, split=None if args.split == "all" else args.split)
     if len(dataset) == 0:
@@ -123,11 +124,10 @@ def run_ches(args: argparse.Namespace) -> int:
     settings = CHESSettings(max_length=args.max_length)
     loaded = load_from_args(args)
     output = Path(args.output_dir)
-    step = max(1, len(dataset) // 20)
+    tracker = Tracker(len(dataset), "CHES scoring", unit="pair")
 
     def report(done: int, total: int) -> None:
-        if done == total or done % step < args.batch_size:
-            progress(f"scored {done}/{total} pairs")
+        tracker.update(done - tracker.done)
 
     records = score_pairs(
         loaded.model,
@@ -139,6 +139,7 @@ def run_ches(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=report,
     )
+    tracker.close()
     summary = summarize(records, args.bins)
     summary.update(
         model=args.model,
@@ -149,9 +150,7 @@ def run_ches(args: argparse.Namespace) -> int:
     if args.drop_top is not None:
         dropped = set(top_fraction(records, args.drop_top, score=args.score))
         kept = [row for index, row in enumerate(dataset) if index not in dropped]
-        atomic_write_text(
-            output / "filtered.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept)
-        )
+        atomic_write_text(output / "filtered.jsonl", "".join(dumps_line(row) + "\n" for row in kept))
         summary["filtered"] = {
             "file": "filtered.jsonl",
             "score": args.score,

@@ -120,6 +120,7 @@ def _sampling(temperature: float, top_p: float):
 
 def run_generate(args: argparse.Namespace) -> int:
     from cdlm.alignment.distill.pairs import PairGenerationSettings, generate_pairs, read_prompts
+    from cdlm.progress import Tracker
 
     prompts = read_prompts(args.prompts_file, args.prompt_field, args.limit)
     settings = PairGenerationSettings(
@@ -141,6 +142,11 @@ def run_generate(args: argparse.Namespace) -> int:
         for role in ("teacher", "student"):
             engine = load_vllm(getattr(args, role), dtype=args.dtype, max_num_seqs=args.batch_size)
             generators[f"{role}_generate"] = completion_generator(engine)
+    tracker = Tracker(len(prompts), "pair generation", unit="prompt")
+
+    def on_batch(done: int, total: int) -> None:
+        tracker.update(done - tracker.done)
+
     rows = generate_pairs(
         prompts,
         teacher=teacher.model,
@@ -150,17 +156,20 @@ def run_generate(args: argparse.Namespace) -> int:
         output=args.output,
         settings=settings,
         batch_size=args.batch_size,
-        on_batch=lambda done, total: progress(f"[distill generate] {done}/{total} prompts"),
+        on_batch=on_batch,
         **generators,
     )
+    tracker.close()
     print(json.dumps({"pairs": len(rows), "output": str(args.output)}))
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from cdlm.alignment.callbacks import TrainingProgress
     from cdlm.alignment.distill.metrics import distillation_metrics
     from cdlm.alignment.distill.pairs import read_pairs
     from cdlm.alignment.distill.trainer import DistiLLM2Trainer
+    from cdlm.run_identity import rows_fingerprint
 
     # Everything cheap is validated before a model is loaded or anything is written.
     settings = TRAIN_COMMAND.resolve(args)
@@ -170,7 +179,7 @@ def run_train(args: argparse.Namespace) -> int:
     pairs = read_pairs(data.pairs)
     eval_pairs = read_pairs(data.eval_pairs) if data.eval_pairs else None
     teacher, student = _load_pair(args, student_dtype="float32")
-    resume = settings.prepare_output(args, student)
+    resume = settings.prepare_output(args, student, data={"pairs": rows_fingerprint(pairs)})
     peft_config = settings.lora.peft_config()
     trainer = DistiLLM2Trainer(
         student.model,
@@ -181,6 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         teacher_processing_class=teacher.tokenizer,
         peft_config=peft_config,
     )
+    trainer.add_callback(TrainingProgress(f"{config.loss_type} training"))
     report: dict = {"pairs": len(pairs), "loss_type": config.loss_type}
     pad = student.tokenizer.pad_token_id
     if eval_pairs:

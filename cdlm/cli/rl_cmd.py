@@ -4,8 +4,9 @@
 
 Prompts come from --prompts-file (JSON lines with a "prompt" field and any columns the reward needs,
 e.g. "answer") or, by default, from synthetic arithmetic problems. With --contrastive-k K the offline
-baseline step first samples K responses per prompt from the initial policy (cached in --baseline-cache,
-resumable) and PPO is trained on r - mean(baseline rewards). Settings: PPOConfig defaults < --config
+baseline step samples K responses per prompt from the initial policy when an iteration first uses the
+prompt (cached in --baseline-cache with the reward and answers that scored them; resumable) and PPO is
+trained on r - mean(baseline rewards). Settings: PPOConfig defaults < --config
 YAML < flags; rerunning into the same --output-dir resumes after checking the settings.
 """
 
@@ -93,35 +94,25 @@ def register(subparsers) -> None:
 
 def _read_rows(data: RewardArguments, seed: int) -> list[dict]:
     from cdlm.alignment.rl.problems import arithmetic_problems
+    from cdlm.textio import MalformedRowError, read_jsonl_numbered
 
     if not data.prompts_file:
         return arithmetic_problems(data.num_prompts, seed=seed)
-    path = Path(data.prompts_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} not found (or not a file)")
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{path} line {number}: expected a JSON object with a 'prompt' field")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no prompts")
-    return rows
+    numbered = read_jsonl_numbered(data.prompts_file, "prompts file")
+    for number, row in numbered:
+        if not isinstance(row.get("prompt"), (str, list)):
+            found = "no 'prompt' field" if "prompt" not in row else f"a {type(row['prompt']).__name__} 'prompt'"
+            raise MalformedRowError(f"{data.prompts_file}:{number} has {found}: expected text or chat messages")
+    if not numbered:
+        raise ValueError(f"{data.prompts_file} holds no prompts")
+    return [row for _, row in numbered]
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
-    from cdlm.alignment.rl.rewards import ContrastiveReward, load_reward
+    from cdlm.alignment.rl.baselines import BaselineSettings, LazyBaselines
+    from cdlm.alignment.rl.rewards import ContrastiveReward, load_reward, reward_identity
     from cdlm.alignment.rl.trainer import PPOTrainer
+    from cdlm.run_identity import rows_fingerprint, weights_fingerprint
 
     # Everything cheap is validated before the model is loaded or anything is written.
     settings = COMMAND.resolve(args)
@@ -135,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     rows = _read_rows(data, config.seed)
     reward = load_reward(data.reward)
     loaded = load_from_args(args)
-    resume = settings.prepare_output(args, loaded)
+    resume = settings.prepare_output(args, loaded, data={"prompts": rows_fingerprint(rows)})
     if data.contrastive_k is not None:
         baseline_settings = BaselineSettings(
             k=data.contrastive_k,
@@ -144,13 +135,18 @@ def run(args: argparse.Namespace) -> int:
             seed=config.seed,
             use_chat_template=config.use_chat_template,
             model=args.model,
+            reward=reward_identity(reward),
+            weights=weights_fingerprint(loaded.model),
         )
         cache_path = Path(data.baseline_cache or Path(config.output_dir) / "baselines.jsonl")
-        progress(f"offline baselines: k={data.contrastive_k} responses for {len(rows)} prompts -> {cache_path}")
-        cache = generate_baselines(
-            loaded.model,
+        if args.no_resume and not data.baseline_cache and cache_path.exists() and is_main_process():
+            cache_path.unlink()  # starting over: the run's own baselines go with it
+        progress(
+            f"contrastive baselines: k={data.contrastive_k} responses per prompt, sampled when first used "
+            f"-> {cache_path}"
+        )
+        baselines = LazyBaselines(
             loaded.tokenizer,
-            rows,
             reward,
             cache_path,
             baseline_settings,
@@ -158,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             progress=progress,
         )
         reward = ContrastiveReward(
-            reward, cache, aggregate=data.aggregate, normalize=data.normalize_rewards, clip=data.clip_rewards
+            reward, baselines, aggregate=data.aggregate, normalize=data.normalize_rewards, clip=data.clip_rewards
         )
 
     def report(record: dict) -> None:

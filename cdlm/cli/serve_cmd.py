@@ -6,15 +6,24 @@ cdlm.decoding.vllm.processors:ContrastiveLogitsProcessor`` (vLLM's documented wa
 logits processor by its fully qualified name), turns async scheduling off (the processor needs each
 step's real token ids), and, with ``--early-exit-layers``, serves the expert through cdlm's
 early-exit model class (``cdlm.decoding.vllm.early_exit``). ``--vllm-args '...'`` passes more
-arguments to vLLM's server unchanged. Requests switch contrast on with flat ``cdlm_*`` keys in ``vllm_xargs``::
+arguments to vLLM's server unchanged. Requests switch contrast on with flat ``cdlm_*`` keys in ``vllm_xargs``
+(on ``/v1/chat/completions``, which applies the model's chat template, and ``/v1/completions``)::
 
     cdlm serve smollm2-135m-instruct --early-exit-layers 8 --port 8000
-    curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{"model": "smollm2-135m-instruct",
-      "prompt": "Why is the sky blue?", "max_tokens": 32, "temperature": 0,
-      "vllm_xargs": {"cdlm_method": "cd", "cdlm_amateur": "early-exit:8", "cdlm_beta": 0.5}}'
+    curl 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+      "model": "smollm2-135m-instruct", "max_tokens": 64, "temperature": 0,
+      "messages": [{"role": "user", "content": "Why is the sky blue? Answer in one sentence."}],
+      "vllm_xargs": {"cdlm_method": "cd", "cdlm_amateur": "early-exit:8"}}'
 
-Invalid settings are rejected with HTTP 400 naming the problem. Binds 127.0.0.1 unless ``--host``
-says otherwise. Imports nothing heavy until it runs.
+A raw ``/v1/completions`` prompt to an instruct model often ends at once: the expert itself ranks EOS
+first, and the default EOS rule (``cdlm_eos_promotion: "forbid"``) keeps EOS exactly where the expert
+ranks it first (it only stops the contrast from *promoting* EOS); ``"allow"`` is the papers' rule.
+
+Every ``cdlm_*`` setting is checked when the request arrives, against the served model (layers,
+vocabulary, ``--max-model-len``, amateurs that exist and share its tokenizer, bounded numbers): a bad
+one gets HTTP 400 naming it, and a request that still fails inside the engine is ended alone, so no
+request stops the server. Binds 127.0.0.1 unless ``--host`` says otherwise. Imports nothing heavy
+until it runs.
 """
 
 from __future__ import annotations
@@ -69,15 +78,49 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+# vLLM flags cdlm serve sets itself (requests are checked against these values): not in --vllm-args.
+OWN_FLAGS = {
+    "--model": "MODEL",
+    "--served-model-name": "--served-model-name",
+    "--host": "--host",
+    "--port": "--port",
+    "--dtype": "--dtype",
+    "--max-model-len": "--max-model-len",
+    "--max-num-seqs": "--max-num-seqs",
+    "--tensor-parallel-size": "--tensor-parallel-size",
+    "--data-parallel-size": "--data-parallel-size",
+    "--logits-processors": "(always cdlm's processor)",
+    "--hf-overrides": "--early-exit-layers",
+    "--async-scheduling": "(always off: the processor needs each step's token ids)",
+}
+
+
+def _check_vllm_args(vllm_args: list[str]) -> None:
+    for item in vllm_args:
+        flag = item.split("=", 1)[0]
+        if flag in OWN_FLAGS:
+            raise ValueError(f"--vllm-args: {flag} is set by cdlm serve; use {OWN_FLAGS[flag]} instead")
+
+
+def served_model(args: argparse.Namespace, folder: str):
+    """What the server's requests are checked against (``cdlm.decoding.vllm.served``)."""
+    from cdlm.decoding.vllm.served import ServedModel
+
+    return ServedModel(folder, args.max_model_len, tuple(sorted(set(args.early_exit_layers))))
+
+
 def vllm_serve_argv(args: argparse.Namespace) -> list[str]:
     """The command line of vLLM's OpenAI-compatible server for ``args`` (run with this Python)."""
     import json
 
-    from cdlm.decoding.vllm.backend import resolve_served_folder, served_architecture, vllm_dtype
+    from cdlm.decoding.vllm.backend import vllm_dtype
+    from cdlm.decoding.vllm.served import resolve_served_folder, served_architecture
 
     for flag in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "max_model_len"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    extra = shlex.split(args.vllm_args)
+    _check_vllm_args(extra)
     folder = resolve_served_folder(args.model, args.gguf_file)
     dtype = vllm_dtype(args.dtype)
     # vLLM's API-server module rather than the ``vllm serve`` entry point: the latter reads the version
@@ -114,21 +157,20 @@ def vllm_serve_argv(args: argparse.Namespace) -> list[str]:
 
         overrides = engine_overrides(served_architecture(folder), args.early_exit_layers)
         argv += ["--hf-overrides", json.dumps(overrides)]
-    return argv + shlex.split(args.vllm_args)
+    return argv + extra
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import vllm  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "cdlm serve needs vLLM: bash scripts/setup_vllm.sh, then .venv-vllm/bin/cdlm serve"
-        ) from error
+    from cdlm.decoding.vllm.backend import require_vllm
+    from cdlm.decoding.vllm.served import SERVED_ENV
+
+    require_vllm("cdlm serve")  # one line naming scripts/setup_vllm.sh when vLLM is missing
     argv = vllm_serve_argv(args)
     if args.print_command:
         print(shlex.join(argv))
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.cpu_kv_cache_gib))
+    os.environ[SERVED_ENV] = served_model(args, argv[argv.index("--model") + 1]).to_env()
     sys.stdout.flush()
     os.execv(argv[0], argv)  # the server owns the process: signals and exit codes are vLLM's
     return 0  # pragma: no cover - execv does not return

@@ -54,8 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cdlm.alignment.callbacks import TrainingProgress
     from cdlm.alignment.preference.data import load_preference_dataset
     from cdlm.alignment.preference.trainer import PreferenceTrainer
+    from cdlm.run_identity import rows_fingerprint
 
     # Everything cheap is validated before a model is loaded or anything is written.
     settings = COMMAND.resolve(args)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     progress(f"{config.method}: {len(train)} training pairs from {data.dataset or 'the shipped HH-RLHF harmless set'}")
 
     loaded = load_from_args(args)
-    resume = settings.prepare_output(args, loaded)
+    resume = settings.prepare_output(args, loaded, data={"train": rows_fingerprint(train)})
     trainer = PreferenceTrainer(
         loaded.model,
         args=config,
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         processing_class=loaded.tokenizer,
         peft_config=lora.peft_config(),
     )
+    trainer.add_callback(TrainingProgress(f"{config.method} training"))
     report = trainer.train_data_report
     if report is not None and report.invalid:
         progress(report.summary() + f" (on_invalid_pairs={config.on_invalid_pairs})")

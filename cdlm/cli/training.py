@@ -3,10 +3,11 @@ dataclass plus :class:`~cdlm.alignment.lora.LoraArguments` and a data dataclass,
 same settings precedence (config defaults < ``--config`` YAML < flags), the same checks before anything
 is loaded, and the same resume rule.
 
-Resume: a run writes ``cdlm_run.json`` (the model's weights fingerprint, the data's contents and every
-setting that changes the computation) into its output folder. Rerun into that folder, it resumes from
-the last checkpoint only if those match; otherwise it stops and names what changed. Settings that only
-extend or observe a run (``max_steps``, logging, saving, reporting) may change between the two.
+Resume: a run writes ``cdlm_run.json`` (the model's weights fingerprint, a content hash of every row the
+training reads, and every setting that changes the computation; never a credential such as ``hub_token``)
+into its output folder. Rerun into that folder, it resumes from the last complete checkpoint only if those
+match; otherwise it stops and names what changed. Settings that only extend or observe a run
+(``max_steps``, logging, saving, reporting) may change between the two.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cdlm.cli.config_args import (
     FieldSpec,
     add_field_arguments,
     cached_field_specs,
+    check_setting_values,
     field_specs,
     given_settings,
     load_yaml_settings,
@@ -67,20 +69,27 @@ class ResolvedSettings:
     data: Any
     given: dict[str, Any]
 
-    def prepare_output(self, args: argparse.Namespace, loaded) -> str | None:
-        """Check or record the run's identity in its output folder; the checkpoint to resume from, or None."""
-        from transformers.trainer_utils import get_last_checkpoint
+    def prepare_output(self, args: argparse.Namespace, loaded, data: dict[str, Any]) -> str | None:
+        """Check or record the run's identity in its output folder; the checkpoint to resume from, or None.
 
+        ``data``: a content fingerprint (:func:`~cdlm.run_identity.rows_fingerprint`) of every row set the
+        training computation reads, by role, so the same path holding other rows is refused on resume.
+        """
+        from cdlm.alignment.checkpoints import last_complete_checkpoint
+        from cdlm.alignment.settings import without_secrets
+        from cdlm.cli.common import progress
         from cdlm.run_identity import check_same_run, weights_fingerprint
 
         output = Path(self.config.output_dir)
         identity = {
             "model": getattr(loaded, "reference", None),
             "weights": weights_fingerprint(loaded.model),
-            "settings": {k: v for k, v in self.given.items() if k not in RESUMABLE_CHANGES},
+            "data": dict(data),
+            "settings": without_secrets({k: v for k, v in self.given.items() if k not in RESUMABLE_CHANGES}),
         }
         run_file = output / RUN_FILE
-        checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
+        found = last_complete_checkpoint(output, report=progress, set_aside=is_main_process())
+        checkpoint = str(found) if found is not None else None
         if checkpoint and not args.no_resume:
             if run_file.is_file():
                 recorded = json.loads(run_file.read_text())
@@ -98,8 +107,6 @@ class ResolvedSettings:
             temporary.write_text(json.dumps(identity, indent=2, sort_keys=True, default=str) + "\n")
             temporary.replace(run_file)
         if checkpoint:
-            from cdlm.cli.common import progress
-
             progress(f"resuming from {checkpoint}")
         return checkpoint
 
@@ -144,6 +151,8 @@ class TrainingCommand:
         for _, specs in self._specs():
             settings.update(given_settings(args, specs))
         settings.update(overrides)
+        check_setting_values(settings, [spec for _, specs in self._specs() for spec in specs])
+        _check_deepspeed()
         parts = dict(zip(classes, split_settings(settings, *classes)))
         config_kwargs = {**_machine_defaults(config_class, parts[config_class]), **parts[config_class]}
         _check_budget(config_kwargs)
@@ -176,6 +185,18 @@ def _check_budget(config: dict[str, Any]) -> None:
     iterations = config.get("num_iterations")
     if iterations is not None and iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {iterations}")
+
+
+def _check_deepspeed() -> None:
+    """``accelerate launch`` with a DeepSpeed config needs the deepspeed package: say so before any work."""
+    from cdlm.alignment.parallel import requested_sharding
+    from cdlm.errors import MissingDependencyError
+
+    if requested_sharding() == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        raise MissingDependencyError(
+            "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed "
+            "(it needs CUDA GPUs); on CPUs launch with torchrun --nproc_per_node N instead"
+        )
 
 
 def _check_integrations(config: dict[str, Any]) -> None:

@@ -18,7 +18,8 @@ processors. Pass it at construction for exactness; otherwise the leading run of 
 each row is taken as padding (right for left-padded batches whose real text never starts with the
 pad token). A given mask belongs to the first prompt the branch sees: a later generation from other
 prompts (a processor reused on another batch, even of the same shape) raises instead of silently
-applying the old batch's mask. Generated positions are always attended, as in ``generate()``, and position ids follow
+applying the old batch's mask; the same holds for a branch prompt (CID's contrastive inputs). A
+right-padded mask is refused. Generated positions are always attended, as in ``generate()``, and position ids follow
 ``generate()``'s rule (cumulative sum of the mask minus one).
 """
 
@@ -28,6 +29,8 @@ import inspect
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+
+from cdlm.models.prompts import check_left_padded
 
 # Hash weights < 2**20 and token ids < 2**22 keep each term < 2**42, so sums of up to 2**20 terms
 # cannot overflow int64. Matches found by hash are re-checked exactly.
@@ -59,6 +62,8 @@ class IncrementalBranch:
         self.model = model
         self.pad_token_id = pad_token_id
         self.prompt_attention_mask = _check_2d("attention_mask", prompt_attention_mask)
+        check_left_padded(prompt_attention_mask)
+        check_left_padded(branch_attention_mask, "contrastive attention_mask")
         self.branch_input_ids = _check_2d("contrastive input_ids", branch_input_ids)
         if branch_attention_mask is not None and branch_input_ids is None:
             raise ValueError("a contrastive attention mask was given without contrastive input ids")
@@ -73,6 +78,7 @@ class IncrementalBranch:
                 f"input_ids have shape {tuple(self.branch_input_ids.shape)}"
             )
         self._mask_prompt: torch.Tensor | None = None  # the prompt rows prompt_attention_mask was used with
+        self._branch_prompt: torch.Tensor | None = None  # the prompt rows branch_input_ids were used with
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.recomputations = 0  # how often the cache could not be reused (for tests and diagnostics)
         self.reorders = 0  # how often rows were reordered/duplicated (beam search)
@@ -120,6 +126,15 @@ class IncrementalBranch:
         """A new generation: ``input_ids`` is the (possibly beam-expanded) prompt."""
         self.reset()
         rows, prompt_len = input_ids.shape
+        if self.branch_input_ids is not None:
+            # The contrastive inputs belong to the first batch, like a given mask: never pair them with others.
+            if self._branch_prompt is None:
+                self._branch_prompt = input_ids.clone()
+            elif not torch.equal(self._branch_prompt, input_ids):
+                raise ValueError(
+                    "this contrastive input decoding processor holds the contrastive inputs of another batch (it "
+                    "already generated from different prompts); create one processor per generate() call"
+                )
         prompt_mask = self._prompt_mask(input_ids)
         if self.branch_input_ids is None:
             branch_ids, branch_mask = input_ids, prompt_mask

@@ -23,8 +23,8 @@ ContrastSettings(formulation='li', alpha=0.1, weight=1.0, other_temperature=1.0,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +45,10 @@ CD_HYPERPARAMETERS = ("alpha", "beta", "amateur_temperature", "cd_formulation")
 CID_HYPERPARAMETERS = ("cid_lambda", "alpha")
 HELP = {
     "alpha": "plausibility threshold in (0, 1]: keep tokens with p >= alpha * max p",
-    "beta": "contrast strength >= 0 (O'Brien-Lewis form; 0 = greedy)",
-    "amateur_temperature": "temperature > 0 applied to the amateur's logits",
+    "beta": "contrast strength in [0, 100] (O'Brien-Lewis form; 0 = greedy)",
+    "amateur_temperature": "temperature in [0.01, 100] applied to the amateur's logits",
     "cd_formulation": "obrien-lewis ((1+beta) s_e - beta s_a) or li (lp_e - lp_a)",
-    "cid_lambda": "contrast strength lambda >= 0 (0 = greedy on the prompt)",
+    "cid_lambda": "contrast strength lambda in [0, 100] (0 = greedy on the prompt)",
 }
 # EOS promotion. An early-exit amateur gives EOS almost no mass (SmolLM2 early-exit:8: p(EOS) ~ 2e-18), so
 # wherever EOS is plausible for the expert its contrast is huge and CD ends answers before they start
@@ -91,19 +91,30 @@ def check_alpha(alpha: Any) -> float:
     return alpha
 
 
+# Sanity bounds, far outside any useful setting, that keep every score finite in float32: a weight of
+# 1e308 or a temperature of 1e-300 turns the scores into inf/nan (the vLLM server met both).
+MAX_WEIGHT = 100.0
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
 def check_weight(name: str, value: Any) -> float:
-    """A contrast strength (beta, lambda): finite and >= 0 (0 switches the contrast off)."""
+    """A contrast strength (beta, lambda): in [0, MAX_WEIGHT] (0 switches the contrast off)."""
     value = _number(name, value)
     if value < 0.0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > MAX_WEIGHT:
+        raise ValueError(f"{name} must be <= {MAX_WEIGHT:g}, got {value:g}")
     return value
 
 
 def check_temperature(name: str, value: Any) -> float:
-    """A softmax temperature: finite and > 0 (0 and inf would make the distribution degenerate)."""
+    """A softmax temperature in TEMPERATURE_RANGE (near 0 the scores overflow; near inf they flatten)."""
     value = _number(name, value)
     if value <= 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
     return value
 
 
@@ -117,6 +128,26 @@ def check_formulation(formulation: Any) -> str:
     if formulation not in FORMULATIONS:
         raise ValueError(f"unknown contrastive decoding formulation {formulation!r}; choose one of {FORMULATIONS}")
     return formulation
+
+
+def unused_hyperparameters(method: str, hyperparameters: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names the rule of ``method`` ("cd"/"cid") ignores under these settings: Li's CD form has no beta.
+
+    A value given for one of them would be recorded in results while changing nothing, so callers that
+    know which values the user *gave* (the registry, the vLLM request parser) refuse them.
+    """
+    formulation = hyperparameters.get("cd_formulation", DEFAULT_FORMULATION)
+    return ("beta",) if method == "cd" and formulation == "li" else ()
+
+
+def unused_message(name: str) -> str:
+    """The one-line refusal for a given hyperparameter that :func:`unused_hyperparameters` lists."""
+    if name == "beta":
+        return (
+            "beta is not used by contrastive decoding's li formulation (lp_e - lp_a, weight 1); "
+            "drop it, or choose cd_formulation obrien-lewis, whose weight it is"
+        )
+    return f"{name} is not used with these settings"
 
 
 @dataclass(frozen=True)
@@ -211,6 +242,50 @@ class ContrastSettings:
             other_temperature=self.other_temperature,
             special_ids=self.special_ids,
         )
+
+
+@dataclass(frozen=True)
+class ScoringRule:
+    """How a decoding method scores a fixed continuation in log-likelihood tasks.
+
+    ``score = expert_ll - weight * contrast_ll`` where the contrast log-likelihood comes from
+    ``contrast``: None (plain log-likelihood, what greedy/sampling/contrastive search use: they change
+    which text is generated, not how a given text is scored), ``"amateur"`` (the same tokens under
+    ``amateur``, contrastive decoding) or ``"contrastive-input"`` (the same continuation after the
+    request's ``contrastive_context``, contrastive input decoding). Methods build their rule from their
+    own hyperparameters (``DecodingMethod.scoring_rule``), so it lives here, next to the contrast rule
+    it scores with, below both the method registry and the eval harness that use it.
+    """
+
+    name: str = "loglikelihood"
+    contrast: str | None = None
+    weight: float = 0.0
+    amateur: Any = field(default=None, compare=False, repr=False)
+
+    CONTRASTS: ClassVar[tuple[str | None, ...]] = (None, "amateur", "contrastive-input")
+
+    def __post_init__(self):
+        if self.contrast not in self.CONTRASTS:
+            raise ValueError(f"unknown contrast {self.contrast!r}; choose one of {self.CONTRASTS}")
+        if self.contrast == "amateur" and self.amateur is None:
+            raise ValueError(f"scoring rule {self.name!r} contrasts with an amateur but has none")
+
+    def combine(self, expert: Sequence[float], other: Sequence[float] | None) -> list[float]:
+        if self.contrast is None:
+            return list(expert)
+        if other is None or len(other) != len(expert):
+            raise ValueError(f"scoring rule {self.name!r} needs one contrast log-likelihood per continuation")
+        return [e - self.weight * o for e, o in zip(expert, other)]
+
+    def describe(self) -> dict:
+        """The results-file record (also part of the run signature)."""
+        if self.contrast is None:
+            return {"scoring": self.name}
+        other = {"amateur": "amateur_ll", "contrastive-input": "ll(continuation | contrastive context)"}[self.contrast]
+        return {"scoring": self.name, "beta": float(self.weight), "formula": f"expert_ll - beta * {other}"}
+
+
+PLAIN_LOGLIKELIHOOD = ScoringRule()
 
 
 def plausible_mask(expert_log_probs: "torch.Tensor", alpha: float) -> "torch.Tensor":

@@ -72,6 +72,7 @@ from cdlm.models.amateur import (
     SeparateAmateur,
     check_bare_amateur,
 )
+from cdlm.models.prompts import check_left_padded
 
 
 class _ContrastiveScoring:
@@ -119,6 +120,7 @@ class ContrastiveDecodingLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         attention_mask: the prompt's attention mask, as passed to ``generate()``. Recommended with
             padded batches; without it, leading ``pad_token_id`` tokens are treated as left padding.
             The mask belongs to that batch: reusing the processor on other prompts raises an error.
+            A right-padded mask is refused (generation would continue from pad tokens).
         pad_token_id: defaults to the amateur's ``generation_config.pad_token_id``.
         vocab_size: contrast only ids below this (defaults to ``SeparateAmateur.vocab_size``, else
             the whole vocabulary, which a bare amateur must share with the expert); other ids get -inf.
@@ -199,7 +201,8 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
 
     (Without ``with``, the hook goes away when the processor is garbage-collected or ``close()``d.)
     The hook keeps only the newest layer-N output (last position, cloned), so a forgotten processor
-    holds O(rows x hidden) memory, never a growing list.
+    holds O(rows x hidden) memory, never a growing list. ``attention_mask`` (optional, the batch's) is
+    only checked: a right-padded batch is refused, since generation would continue from pad tokens.
     """
 
     def __init__(
@@ -211,8 +214,10 @@ class EarlyExitContrastiveLogitsProcessor(_ContrastiveScoring, LogitsProcessor):
         formulation: str = DEFAULT_FORMULATION,
         amateur_temperature: float = DEFAULT_AMATEUR_TEMPERATURE,
         special_ids: Sequence[int] = (),
+        attention_mask: torch.Tensor | None = None,
     ):
         self._init_scoring(alpha, beta, formulation, amateur_temperature, special_ids)
+        check_left_padded(attention_mask)  # only checked: the expert's own forward applies the mask
         if not isinstance(amateur, EarlyExitAmateur):
             raise TypeError(f"expected an EarlyExitAmateur, got {type(amateur).__name__}")
         self.amateur = amateur
@@ -293,7 +298,7 @@ def contrastive_decoding_processor(
 ) -> ContrastiveDecodingLogitsProcessor | EarlyExitContrastiveLogitsProcessor:
     """The right CD processor for ``amateur`` (hook-based for early exit, cached second model otherwise)."""
     if isinstance(amateur, EarlyExitAmateur):
-        return EarlyExitContrastiveLogitsProcessor(amateur, **hyperparameters)
+        return EarlyExitContrastiveLogitsProcessor(amateur, attention_mask=attention_mask, **hyperparameters)
     return ContrastiveDecodingLogitsProcessor(
         amateur, attention_mask=attention_mask, pad_token_id=pad_token_id, **hyperparameters
     )

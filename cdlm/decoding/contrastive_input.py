@@ -53,7 +53,9 @@ class ContrastiveInputLogitsProcessor(LogitsProcessor):
 
     The batch size must equal the ``input_ids`` batch given to ``generate()``. Under beam search
     (or ``num_return_sequences``) each contrastive row is repeated like its input row. The processor
-    keeps a KV cache per generation, hence ``supports_continuous_batching = False``.
+    keeps a KV cache per generation, hence ``supports_continuous_batching = False``. The contrastive
+    inputs belong to the batch of the first ``generate()`` call: reusing the processor on other prompts
+    raises ``ValueError`` (create one per call); a right-padded contrastive mask is refused.
     """
 
     supports_continuous_batching = False

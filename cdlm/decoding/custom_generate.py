@@ -28,8 +28,14 @@ _LOOP_MANAGED = (
 
 
 def split_model_kwargs(model_kwargs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """``(attention_mask, past_key_values, extra)``: ``extra`` holds the other non-None model kwargs."""
+    """``(attention_mask, past_key_values, extra)``: ``extra`` holds the other non-None model kwargs.
+
+    A right-padded ``attention_mask`` is refused: every loop continues each row from its last position.
+    """
+    from cdlm.models.prompts import check_left_padded
+
     attention_mask = model_kwargs.pop("attention_mask", None)
+    check_left_padded(attention_mask)
     cache = model_kwargs.pop("past_key_values", None)
     for name in _LOOP_MANAGED:
         model_kwargs.pop(name, None)

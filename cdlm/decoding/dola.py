@@ -63,34 +63,25 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from cdlm.decoding.custom_generate import make_module_callable, split_model_kwargs, stop_strings_as_criterion
-from cdlm.decoding.methods import (  # the settings live with the registry, which must not import torch
+from cdlm.decoding.dola_settings import (  # shared with the registry, which must not import torch
     DEFAULT_DOLA_LAYERS,
     DEFAULT_RELATIVE_TOP,
     DEFAULT_REPETITION_PENALTY,
     DOLA_FORMS,
-    DolaMethod,
     candidate_layers,
     parse_dola_layers,
     validate_dola_params,
 )
-from cdlm.models.lm_head import head_logits, text_config
+from cdlm.models.lm_head import depth_and_tying, head_logits
 
 __all__ = [
     "DOLA_FORMS",
-    "DolaMethod",
     "candidate_layers",
     "dola",
     "dola_contrast",
     "dola_generate",
     "validate_dola_params",
 ]
-
-
-def _depth_and_tying(model: PreTrainedModel) -> tuple[int, bool]:
-    """(number of decoder layers, tied input/output embeddings) as 4.55.4 reads them from the config."""
-    config = text_config(model)
-    tied = getattr(model.config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
-    return int(config.num_hidden_layers), bool(tied)
 
 
 def _layer_divergence(final_logits: torch.Tensor, premature_logits: torch.Tensor, form: str) -> torch.Tensor:
@@ -211,7 +202,7 @@ def dola(
     relative_top, dola_form = validate_dola_params(
         DEFAULT_RELATIVE_TOP if relative_top is None else relative_top, dola_form or "transformers"
     )
-    layers = candidate_layers(dola_layers, *_depth_and_tying(model))
+    layers = candidate_layers(dola_layers, *depth_and_tying(model))
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("DoLa needs input_ids, not inputs_embeds")
     logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()

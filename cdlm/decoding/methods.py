@@ -21,8 +21,21 @@ from cdlm.decoding.contrast import (
     DEFAULTS,
     EOS_PROMOTION_HELP,
     HELP,
+    PLAIN_LOGLIKELIHOOD,
     ContrastSettings,
+    ScoringRule,
     check_eos_promotion,
+    unused_hyperparameters,
+    unused_message,
+)
+from cdlm.decoding.dola_settings import (  # noqa: F401  (re-exported: the registry's DoLa names)
+    DEFAULT_DOLA_LAYERS,
+    DEFAULT_RELATIVE_TOP,
+    DEFAULT_REPETITION_PENALTY,
+    DOLA_FORMS,
+    candidate_layers,
+    parse_dola_layers,
+    validate_dola_params,
 )
 
 if TYPE_CHECKING:  # the registry imports neither torch nor transformers (fast `cdlm --help`)
@@ -80,7 +93,15 @@ class DecodingMethod(ABC):
             raise ValueError(f"method {cls.name!r} has no hyperparameter(s) {sorted(unknown)}")
         hyperparameters = {p.name: params.get(p.name, p.default) for p in cls.params}
         cls.validate(hyperparameters)
+        for name in cls.unused_hyperparameters(hyperparameters):
+            if name in params:
+                raise ValueError(f"method {cls.name!r}: {unused_message(name)}")
         return hyperparameters
+
+    @classmethod
+    def unused_hyperparameters(cls, hyperparameters: dict[str, Any]) -> tuple[str, ...]:
+        """Hyperparameters these settings make irrelevant; giving one explicitly is refused."""
+        return ()
 
     @classmethod
     def validate(cls, hyperparameters: dict[str, Any]) -> None:
@@ -96,8 +117,6 @@ class DecodingMethod(ABC):
         Default: the expert's plain log-likelihood (greedy, sampling and contrastive search change which
         text is generated, not how a fixed text is scored). Contrastive methods override this.
         """
-        from cdlm.eval_harness.task import PLAIN_LOGLIKELIHOOD
-
         return PLAIN_LOGLIKELIHOOD
 
     def describe(self) -> dict:
@@ -173,6 +192,10 @@ class _ContrastMethod(DecodingMethod):
     contrast_kind: ClassVar[str]  # "cd" or "cid": the rule ``ContrastSettings.from_hyperparameters`` builds
 
     @classmethod
+    def unused_hyperparameters(cls, hyperparameters):
+        return unused_hyperparameters(cls.contrast_kind, hyperparameters)
+
+    @classmethod
     def validate(cls, hp):
         ContrastSettings.from_hyperparameters(cls.contrast_kind, hp)
         check_eos_promotion(hp["eos_promotion"])
@@ -208,8 +231,6 @@ class ContrastiveDecodingMethod(_ContrastMethod):
 
     def scoring_rule(self):
         """Log-likelihood tasks: ``expert_ll - weight * amateur_ll`` of the same tokens, with CD's weight rule."""
-        from cdlm.eval_harness.task import ScoringRule
-
         return ScoringRule("contrastive", contrast="amateur", weight=self.settings.weight, amateur=self.amateur)
 
     def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
@@ -243,8 +264,6 @@ class ContrastiveInputMethod(_ContrastMethod):
 
     def scoring_rule(self):
         """Log-likelihood tasks: ``ll(continuation | context) - cid_lambda * ll(continuation | contrastive ctx)``."""
-        from cdlm.eval_harness.task import ScoringRule
-
         return ScoringRule("contrastive-input", contrast="contrastive-input", weight=self.settings.weight)
 
     def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
@@ -320,74 +339,6 @@ class ContrastiveSearchMethod(DecodingMethod):
 
 
 # ---------------------------------------------------------------- DoLa (the decoding loop: cdlm.decoding.dola)
-DEFAULT_DOLA_LAYERS = "high"
-DEFAULT_RELATIVE_TOP = 0.1  # the paper's alpha; fixed at 0.1 in 4.55.4
-# The paper and 4.55.4's documentation recommend a repetition penalty of 1.2 with DoLa; the plain function
-# and the registry method use it, the ``custom_generate`` callable takes generate()'s own (default 1.0).
-DEFAULT_REPETITION_PENALTY = 1.2
-DOLA_FORMS = ("transformers", "paper")
-
-
-def parse_dola_layers(dola_layers: Any) -> str | tuple[int, ...]:
-    """``"low"``, ``"high"``, or a tuple of ints from a list/tuple or a comma-separated string (the CLI form)."""
-    if isinstance(dola_layers, str):
-        text = dola_layers.strip()
-        if text in ("low", "high"):
-            return text
-        try:
-            dola_layers = [int(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(
-                f"dola_layers must be 'low', 'high' or layer indices like '4,10,16', got {dola_layers!r}"
-            ) from None
-    if isinstance(dola_layers, (list, tuple)) and dola_layers:
-        if any(isinstance(layer, bool) or not isinstance(layer, int) for layer in dola_layers):
-            raise ValueError(f"dola_layers must be a list of integer layer indices, got {dola_layers!r}")
-        return tuple(dict.fromkeys(dola_layers))  # order kept: ties go to the first listed layer
-    raise ValueError(f"dola_layers must be 'low', 'high' or a non-empty list of layer indices, got {dola_layers!r}")
-
-
-def candidate_layers(dola_layers: Any, num_layers: int, tied_embeddings: bool) -> tuple[int, ...]:
-    """The premature layers DoLa chooses from, as indices into ``output_hidden_states`` (0 = embeddings).
-
-    ``"low"``/``"high"`` follow 4.55.4: every second layer of the lower/upper half (of the first/last
-    20 layers beyond 40 layers); with tied embeddings the lower half starts at layer 2, because
-    layer 0 read through the tied head is nearly the identity map.
-    """
-    parsed = parse_dola_layers(dola_layers)
-    if isinstance(parsed, tuple):
-        bad = [layer for layer in parsed if not 0 <= layer < num_layers]
-        if bad:
-            raise ValueError(
-                f"dola_layers {list(bad)} out of range: premature layers are 0 (embeddings) .. {num_layers - 1} "
-                f"for a model with {num_layers} layers (layer {num_layers} is the final layer itself)"
-            )
-        return parsed
-    if not tied_embeddings:
-        start = 0
-    else:
-        start = 2 if num_layers > 2 else (1 if num_layers == 2 else 0)
-    half = num_layers // 2
-    if parsed == "low":
-        if start == half:
-            return (start,)
-        return tuple(range(start, half, 2) if num_layers <= 40 else range(start, 20, 2))
-    return tuple(range(half, num_layers, 2) if num_layers <= 40 else range(num_layers - 20, num_layers, 2))
-
-
-def validate_dola_params(relative_top: Any, dola_form: Any) -> tuple[float, str]:
-    """Check and normalise the scalar hyperparameters; ``ValueError`` names the bad one."""
-    try:
-        top = float(relative_top)
-    except (TypeError, ValueError):
-        raise ValueError(f"relative_top must be a number in (0, 1], got {relative_top!r}") from None
-    if not 0.0 < top <= 1.0:
-        raise ValueError(f"relative_top must be in (0, 1], got {relative_top}")
-    if dola_form not in DOLA_FORMS:
-        raise ValueError(f"dola_form must be one of {', '.join(DOLA_FORMS)}, got {dola_form!r}")
-    return top, dola_form
-
-
 class DolaMethod(DecodingMethod):
     """``dola`` in the method registry: ``cdlm generate --method dola --dola-layers high``."""
 
@@ -412,15 +363,20 @@ class DolaMethod(DecodingMethod):
         Param("repetition_penalty", float, DEFAULT_REPETITION_PENALTY, "repetition penalty (> 0; 1.0: off)"),
     )
 
+    @classmethod
+    def validate(cls, hp):
+        hp["relative_top"], hp["dola_form"] = validate_dola_params(hp["relative_top"], hp["dola_form"])
+        parse_dola_layers(hp["dola_layers"])
+        penalty = hp["repetition_penalty"]
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not (0 < penalty < math.inf):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty!r}")
+
     def __init__(self, model, tokenizer, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        hp = self.hyperparameters
-        hp["relative_top"], hp["dola_form"] = validate_dola_params(hp["relative_top"], hp["dola_form"])
-        from cdlm.decoding.dola import _depth_and_tying
+        from cdlm.models.lm_head import depth_and_tying
 
-        candidate_layers(hp["dola_layers"], *_depth_and_tying(model))  # fail now, not mid-run
-        if hp["repetition_penalty"] <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {hp['repetition_penalty']}")
+        # The layer indices need the model's depth: checked here, before any generation.
+        candidate_layers(self.hyperparameters["dola_layers"], *depth_and_tying(model))
 
     def generate_kwargs(self, batch: "BatchEncoding", contrastive_batch: "BatchEncoding | None" = None) -> dict:
         from cdlm.decoding.dola import dola

@@ -58,6 +58,25 @@ def apply_stop_strings(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+SEED_LIMIT = 2**32  # numpy's seed range, which training also uses: one range for every --seed
+
+
+def check_generation_settings(
+    *, max_new_tokens: int, batch_size: int, seed: int | None = None, prompts: int = 0, flags: bool = False
+) -> None:
+    """Refuse settings :func:`generate` cannot use, before any model is loaded; ``flags``: name CLI flags.
+
+    Batch ``i`` is seeded with ``seed + i * batch_size``, so every such seed must fit ``SEED_LIMIT``.
+    """
+    names = ("--max-new-tokens", "--batch-size", "--seed") if flags else ("max_new_tokens", "batch_size", "seed")
+    for name, value in zip(names, (max_new_tokens, batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be an integer > 0, got {value!r}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT - max(prompts, 1):
+            raise ValueError(f"{names[2]} must be an integer in [0, 2**32 - {max(prompts, 1) + 1}], got {seed!r}")
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,12 +96,10 @@ def generate(
     ``stop`` strings end generation (via ``generate``'s ``stop_strings``) and are cut from the text.
     ``contrastive_prompts`` (same length as ``prompts``) feed methods that contrast two inputs.
     A prompt (or contrastive prompt) that is empty or, with ``max_new_tokens``, longer than the
-    model's context raises ``ValueError`` before anything is generated.
+    model's context raises ``ValueError`` before anything is generated. Batches are always padded on
+    the left, whatever ``tokenizer.padding_side`` says.
     """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    check_generation_settings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, prompts=len(prompts))
     if method.needs_contrastive_inputs:
         if contrastive_prompts is None or len(contrastive_prompts) != len(prompts):
             given = 0 if contrastive_prompts is None else len(contrastive_prompts)
@@ -104,12 +121,19 @@ def generate(
     device = model.device
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
-        batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+        # Left padding whatever the tokenizer's own setting (a saved and reloaded tokenizer pads right).
+        batch = tokenizer(
+            chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens
+        ).to(device)
         contrastive_batch = None
         if contrastive_prompts is not None and method.needs_contrastive_inputs:
             contrastive_chunk = list(contrastive_prompts[start : start + batch_size])
             contrastive_batch = tokenizer(
-                contrastive_chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                contrastive_chunk,
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+                add_special_tokens=add_special_tokens,
             ).to(device)
         kwargs = method.generate_kwargs(batch, contrastive_batch)
         if stop:

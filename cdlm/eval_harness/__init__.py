@@ -5,7 +5,11 @@
 * ``task``: the task interface (``Task``, requests, responses, ``ScoringRule``) and the task registry;
   the built-in tasks are one module each in ``tasks/`` (``gsm8k``, ``gsm8k_cot``, ``hellaswag``).
 * ``scoring``: continuation log-likelihoods with one shared context pass per example (+ contrastive).
-* ``lm_eval_model``: cdlm as an lm-evaluation-harness model (``lm_eval --model cdlm``).
+* ``lm_eval_model``: cdlm as an lm-evaluation-harness model; ``lm_eval_cli`` is ``cdlm-lm-eval`` (lm-eval's
+  command line with that model and the packaged offline tasks of ``lm_eval_tasks``).
+* ``isotropy``: per-layer self-similarity of a model's token representations (``cdlm isotropy``).
+
+Run folders (``run.json``, ``samples.jsonl``, atomic writes) live in ``cdlm.runs``, shared with CHES scoring.
 """
 
 from cdlm.eval_harness.evaluate import EvalConfig, evaluate, prepare

@@ -87,4 +87,3 @@ def take(rows: Sequence[dict], limit: int | None) -> list[dict]:
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of examples, got {limit}")
     return list(rows if limit is None else rows[:limit])
-

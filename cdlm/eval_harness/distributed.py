@@ -12,42 +12,11 @@ Only barriers and one small broadcast are needed, so the process group is gloo o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
+# A shard is a run-folder notion (ranks append their own records); it lives with the run folders.
+from cdlm.runs import Shard
 
-@dataclass(frozen=True)
-class Shard:
-    """This process's rank among ``world_size`` evaluating processes (one process: rank 0 of 1)."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    def __post_init__(self):
-        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, chunk_index: int) -> bool:
-        return chunk_index % self.world_size == self.rank
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def broadcast_from_main(self, value):
-        """``value`` as rank 0 has it, on every rank (e.g. the outcome of a check only rank 0 makes)."""
-        if self.world_size == 1:
-            return value
-        import torch.distributed as dist
-
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+__all__ = ["Shard", "current_shard", "init_from_launcher", "launched_world_size", "local_device"]
 
 
 def launched_world_size() -> int:

@@ -24,8 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from cdlm.eval_harness.distributed import Shard, current_shard
-from cdlm.eval_harness.records import RunFolder, atomic_write_json
+from cdlm.eval_harness.distributed import current_shard
 from cdlm.eval_harness.task import (
     GENERATE_UNTIL,
     PLAIN_LOGLIKELIHOOD,
@@ -37,7 +36,9 @@ from cdlm.eval_harness.task import (
     get_task,
     task_names,
 )
+from cdlm.progress import track
 from cdlm.run_identity import weights_fingerprint
+from cdlm.runs import RunFolder, Shard, atomic_write_json
 
 
 @dataclass
@@ -162,6 +163,53 @@ def _with_chat_template(requests: list, tokenizer) -> list:
     return out
 
 
+def _resumable_settings(task: Task) -> tuple[str, ...]:
+    """Config fields a resumed run may change. ``limit`` only selects examples. ``batch_size`` only groups
+    log-likelihood scoring; in generation the sampling seed follows the batches, so it is signed."""
+    return ("limit",) if task.output_type == GENERATE_UNTIL else ("limit", "batch_size")
+
+
+def check_fits_context(loaded, task: Task, requests: Sequence, method, config: EvalConfig) -> None:
+    """Refuse, before anything is written, an example the model cannot see whole: positions past its context
+    (``max_position_embeddings``) give scores and text of no meaning. Generation: prompt + token budget;
+    log-likelihood: context + the longest continuation (what both the shared and the naive scorer feed)."""
+    from cdlm.models.prompts import adds_special_tokens, context_length
+
+    limit = context_length(loaded.model)
+    if limit is None:
+        return
+    tokenizer = loaded.tokenizer
+    add_special = adds_special_tokens(tokenizer, config.apply_chat_template)
+
+    def lengths(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]] if texts else []
+
+    if task.output_type == GENERATE_UNTIL:
+        fields = ["prompt"] + (["contrastive_prompt"] if getattr(method, "needs_contrastive_inputs", False) else [])
+        for field_name in fields:
+            for index, length in enumerate(lengths([getattr(r, field_name) for r in requests])):
+                budget = requests[index].max_new_tokens or config.max_new_tokens
+                if length + budget > limit:
+                    raise ValueError(
+                        f"{task.name} example {index}: the {field_name.replace('_', ' ')} has {length} tokens; with "
+                        f"--max-new-tokens {budget} that is {length + budget} positions, more than the model's "
+                        f"context of {limit}: lower --max-new-tokens or leave the example out of the data"
+                    )
+        return
+    from cdlm.eval_harness.scoring import check_fits_model
+
+    contrast = scoring_rule_of(method).contrast == "contrastive-input"
+    for field_name in ["context"] + (["contrastive_context"] if contrast else []):
+        check_fits_model(
+            loaded.model,
+            tokenizer,
+            [(getattr(r, field_name) or "", r.continuations) for r in requests],
+            add_special_tokens=add_special,
+            what=f"{task.name} example",
+            context_name=field_name.replace("_", " "),
+        )
+
+
 def _check_method_fits(task: Task, requests: Sequence, method, rule: ScoringRule) -> None:
     needs_contrast_input = (
         rule.contrast == "contrastive-input"
@@ -174,6 +222,71 @@ def _check_method_fits(task: Task, requests: Sequence, method, rule: ScoringRule
             raise ValueError(
                 f"method {method.name!r} needs a contrastive input; task {task.name!r} does not provide one"
             )
+
+
+@dataclass
+class _Plan:
+    """What ``evaluate`` has checked and will run: the requests, the scoring rule, the records and the signature."""
+
+    task: Task
+    data: TaskData
+    requests: list
+    rule: ScoringRule
+    method_record: dict
+    model_record: dict
+    scoring: dict | None
+    backend: str
+    signature: dict
+
+
+def _plan(loaded, method, config: EvalConfig, generate_fn, prepared: PreparedTask | None) -> _Plan:
+    """Every check that needs no run folder, and the run signature (see ``evaluate``)."""
+    backend = getattr(generate_fn, "backend", "transformers") if generate_fn is not None else "transformers"
+    check_backend(config.task, backend)
+    prepared = prepared or prepare(config)
+    task, data, requests = prepared.task, prepared.data, prepared.requests
+    if config.apply_chat_template:
+        requests = _with_chat_template(requests, loaded.tokenizer)
+    rule = scoring_rule_of(method)
+    _check_method_fits(task, requests, method, rule)
+    check_fits_context(loaded, task, requests, method, config)
+    method_record = _method_record(method)
+    model_record = {"reference": loaded.reference, "source": loaded.source, **loaded.details}
+    scoring = rule.describe() if task.output_type != GENERATE_UNTIL else None
+    amateur_model = getattr(getattr(method, "amateur", None), "model", None)
+    signature = {
+        "task": task.describe(),
+        "config": {k: v for k, v in asdict(config).items() if k not in _resumable_settings(task)},
+        "data": data.fingerprints,
+        "model": {
+            "reference": loaded.reference,
+            "weights": weights_fingerprint(loaded.model),
+            "dtype": str(loaded.model.dtype).replace("torch.", ""),
+            "device": loaded.model.device.type,
+        },
+        "method": method_record,
+        "amateur_weights": weights_fingerprint(amateur_model) if amateur_model is not None else None,
+        "scoring": scoring,
+        "backend": backend,
+    }
+    return _Plan(task, data, requests, rule, method_record, model_record, scoring, backend, signature)
+
+
+def check_run(
+    loaded,
+    method,
+    config: EvalConfig,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    generate_fn: Callable | None = None,
+    prepared: PreparedTask | None = None,
+) -> None:
+    """Raise what ``evaluate`` would refuse before computing (task and method, context lengths, a different
+    run already in ``output_dir``) without writing anything: ``cdlm compare`` checks every method first."""
+    plan = _plan(loaded, method, config, generate_fn, prepared)
+    if not overwrite:
+        RunFolder.check(output_dir, plan.signature)
 
 
 def evaluate(
@@ -201,33 +314,10 @@ def evaluate(
     ``shard``: this process's part of a data-parallel run (default: from ``torch.distributed``).
     """
     shard = shard or current_shard()
-    backend = getattr(generate_fn, "backend", "transformers") if generate_fn is not None else "transformers"
-    check_backend(config.task, backend)
-    prepared = prepared or prepare(config)
-    task, data, requests = prepared.task, prepared.data, prepared.requests
-    if config.apply_chat_template:
-        requests = _with_chat_template(requests, loaded.tokenizer)
-    rule = scoring_rule_of(method)
-    _check_method_fits(task, requests, method, rule)
-    method_record = _method_record(method)
-    model_record = {"reference": loaded.reference, "source": loaded.source, **loaded.details}
-    scoring = rule.describe() if task.output_type != GENERATE_UNTIL else None
-    amateur_model = getattr(getattr(method, "amateur", None), "model", None)
-    signature = {
-        "task": task.describe(),
-        "config": {k: v for k, v in asdict(config).items() if k not in ("batch_size", "limit")},
-        "data": data.fingerprints,
-        "model": {
-            "reference": loaded.reference,
-            "weights": weights_fingerprint(loaded.model),
-            "dtype": str(loaded.model.dtype).replace("torch.", ""),
-            "device": loaded.model.device.type,
-        },
-        "method": method_record,
-        "amateur_weights": weights_fingerprint(amateur_model) if amateur_model is not None else None,
-        "scoring": scoring,
-        "backend": backend,
-    }
+    plan = _plan(loaded, method, config, generate_fn, prepared)
+    task, data, requests, rule = plan.task, plan.data, plan.requests, plan.rule
+    method_record, model_record, scoring, backend = plan.method_record, plan.model_record, plan.scoring, plan.backend
+    signature = plan.signature
     run = RunFolder.open(output_dir, signature, overwrite=overwrite, shard=shard)
     finished = {i for i in run.finished() if i < len(requests)}  # a larger --limit earlier leaves extra records
     shard.barrier()  # every rank has read the finished records before any rank appends new ones
@@ -326,39 +416,48 @@ def _run_generation(
 
     eos = loaded.tokenizer.eos_token
     add_special = adds_special_tokens(loaded.tokenizer, config.apply_chat_template)
-    total = sum(map(len, chunks))
-    done = 0
-    started = time.perf_counter()
-    for chunk in chunks:
-        # Requests in one call share the stop strings and budget; split the chunk where they differ.
-        for group in _groups(chunk, lambda i: (requests[i].until, requests[i].max_new_tokens)):
-            stop = list(requests[group[0]].until)
-            if eos and eos not in stop:  # lm-eval's HF backend adds the decoded EOS to `until`
-                stop.append(eos)
-            contrastive = [requests[i].contrastive_prompt for i in group]
-            kwargs = {} if add_special else {"add_special_tokens": False}
-            generations, stats = generate_fn(
-                loaded.model,
-                loaded.tokenizer,
-                [requests[i].prompt for i in group],
-                method,
-                max_new_tokens=requests[group[0]].max_new_tokens or config.max_new_tokens,
-                batch_size=config.batch_size,
-                contrastive_prompts=contrastive if getattr(method, "needs_contrastive_inputs", False) else None,
-                stop=stop,
-                seed=config.seed + group[0],
-                **kwargs,
+    new_tokens, seconds = 0, 0.0
+    with track(sum(map(len, chunks)), label, unit="example") as bar:
+        for chunk in chunks:
+            new_tokens_chunk, seconds_chunk = _generate_chunk(
+                loaded, method, config, task, docs, requests, chunk, run, generate_fn, eos, add_special
             )
-            share = stats.seconds / len(group)
-            records = []
-            for index, generation in zip(group, generations):
-                response = GenerationResponse(generation.text, len(generation.token_ids))
-                record = task.process_result(docs[index], requests[index], response)
-                records.append({"index": index, **record, "num_tokens": response.num_tokens, "seconds": share})
-            run.append(records)
-            done += len(group)
-            elapsed = time.perf_counter() - started
-            progress(f"{label} {done}/{total} examples, {stats.tokens_per_second:.1f} tokens/s, {elapsed:.0f}s")
+            new_tokens, seconds = new_tokens + new_tokens_chunk, seconds + seconds_chunk
+            bar.update(len(chunk))
+    progress(f"{label} generated {new_tokens} tokens, {new_tokens / seconds if seconds else 0.0:.1f} tokens/s")
+
+
+def _generate_chunk(loaded, method, config, task, docs, requests, chunk, run, generate_fn, eos, add_special):
+    """Generate and record one processing chunk; returns (new tokens, generation seconds)."""
+    new_tokens, seconds = 0, 0.0
+    # Requests in one call share the stop strings and budget; split the chunk where they differ.
+    for group in _groups(chunk, lambda i: (requests[i].until, requests[i].max_new_tokens)):
+        stop = list(requests[group[0]].until)
+        if eos and eos not in stop:  # lm-eval's HF backend adds the decoded EOS to `until`
+            stop.append(eos)
+        contrastive = [requests[i].contrastive_prompt for i in group]
+        kwargs = {} if add_special else {"add_special_tokens": False}
+        generations, stats = generate_fn(
+            loaded.model,
+            loaded.tokenizer,
+            [requests[i].prompt for i in group],
+            method,
+            max_new_tokens=requests[group[0]].max_new_tokens or config.max_new_tokens,
+            batch_size=config.batch_size,
+            contrastive_prompts=contrastive if getattr(method, "needs_contrastive_inputs", False) else None,
+            stop=stop,
+            seed=config.seed + group[0],
+            **kwargs,
+        )
+        share = stats.seconds / len(group)
+        records = []
+        for index, generation in zip(group, generations):
+            response = GenerationResponse(generation.text, len(generation.token_ids))
+            record = task.process_result(docs[index], requests[index], response)
+            records.append({"index": index, **record, "num_tokens": response.num_tokens, "seconds": share})
+        run.append(records)
+        new_tokens, seconds = new_tokens + stats.new_tokens, seconds + stats.seconds
+    return new_tokens, seconds
 
 
 def _groups(indices: list[int], key) -> list[list[int]]:
@@ -371,29 +470,32 @@ def _groups(indices: list[int], key) -> list[list[int]]:
 def _run_loglikelihood(
     loaded, method, rule, config, task, docs, requests, chunks, run, label, progress, generate_fn
 ) -> None:
-    from cdlm.eval_harness.scoring import score_under_rule
     from cdlm.models.prompts import adds_special_tokens
 
     add_special = adds_special_tokens(loaded.tokenizer, config.apply_chat_template)
-    total = sum(map(len, chunks))
-    started = time.perf_counter()
-    done = 0
-    for chunk in chunks:
-        chunk_began = time.perf_counter()
-        responses = score_under_rule(
-            loaded.model,
-            loaded.tokenizer,
-            rule,
-            [(requests[i].context, requests[i].continuations, requests[i].contrastive_context) for i in chunk],
-            add_special_tokens=add_special,
-            batch_size=config.batch_size,
-            shared_context=config.shared_context,
-        )
-        elapsed = time.perf_counter() - chunk_began
-        records = []
-        for index, response in zip(chunk, responses):
-            record = task.process_result(docs[index], requests[index], response)
-            records.append({"index": index, **record, "seconds": elapsed / len(chunk)})
-        run.append(records)
-        done += len(records)
-        progress(f"{label} {done}/{total} examples, {done / (time.perf_counter() - started):.1f} examples/s")
+    with track(sum(map(len, chunks)), label, unit="example") as bar:
+        for chunk in chunks:
+            _score_chunk(loaded, rule, config, task, docs, requests, chunk, run, add_special)
+            bar.update(len(chunk))
+
+
+def _score_chunk(loaded, rule, config, task, docs, requests, chunk, run, add_special) -> None:
+    """Score and record one processing chunk."""
+    from cdlm.eval_harness.scoring import score_under_rule
+
+    chunk_began = time.perf_counter()
+    responses = score_under_rule(
+        loaded.model,
+        loaded.tokenizer,
+        rule,
+        [(requests[i].context, requests[i].continuations, requests[i].contrastive_context) for i in chunk],
+        add_special_tokens=add_special,
+        batch_size=config.batch_size,
+        shared_context=config.shared_context,
+    )
+    elapsed = time.perf_counter() - chunk_began
+    records = []
+    for index, response in zip(chunk, responses):
+        record = task.process_result(docs[index], requests[index], response)
+        records.append({"index": index, **record, "seconds": elapsed / len(chunk)})
+    run.append(records)

@@ -1,14 +1,16 @@
 """cdlm as an lm-evaluation-harness (0.4.x) model: any lm-eval task with any cdlm decoding method.
 
     pip install 'cdlm[lmeval]'
-    python -m cdlm.eval_harness.lm_eval_model --model cdlm \\
-        --model_args pretrained=smollm2-135m-instruct,method=cd,amateur=early-exit:8,beta=0.5 --tasks hellaswag
+    cdlm-lm-eval --model cdlm \\
+        --model_args pretrained=smollm2-135m-instruct,method=cd,amateur=early-exit:8,beta=0.5 --tasks cdlm_hellaswag
 
-The command line is lm-eval's own (``lm_eval.__main__.cli_evaluate``): this module registers the
-``cdlm`` model with ``lm_eval.api.registry.register_model`` and hands over. lm-eval 0.4.13 discovers
-models only through that registry (it reads no entry points), so the model exists in any process that
-imported this module: the ``python -m`` line above, or ``import cdlm.eval_harness.lm_eval_model``
-before ``lm_eval.simple_evaluate(model="cdlm", ...)``.
+The command line is lm-eval's own (``cdlm.eval_harness.lm_eval_cli``, which also adds cdlm's packaged,
+offline tasks): this module registers the ``cdlm`` model with ``lm_eval.api.registry.register_model``.
+lm-eval 0.4.13 discovers models only through that registry (it reads no entry points), so the model
+exists in any process that imported this module: ``cdlm-lm-eval``, ``python -m
+cdlm.eval_harness.lm_eval_model``, or ``import cdlm.eval_harness.lm_eval_model`` before
+``lm_eval.simple_evaluate(model="cdlm", ...)``. ``device``: lm-eval passes ``cuda:0`` by default; on a
+machine without CUDA the model runs on the CPU with a warning, as lm-eval's own ``hf`` model does.
 
 ``model_args``: ``pretrained`` (any ``cdlm.models.load_model`` reference: a registered name, GGUF,
 folder or hub id), ``method`` (a registered decoding method, default greedy), ``amateur`` (``early-exit:N``
@@ -32,9 +34,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (lm-eval's own models stay registered next to ours)
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+from cdlm.eval_harness.lm_eval_tasks import available_device, check_lm_eval
+
+check_lm_eval()  # one line naming the extra, instead of a ModuleNotFoundError traceback
+
+import lm_eval.models  # noqa: E402, F401  (lm-eval's own models stay registered next to ours)
+from lm_eval.api.model import LM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
 
 NAME = "cdlm"
 
@@ -70,7 +76,7 @@ class CdlmLM(LM):
         from cdlm.models.registry import DEFAULT_MODEL
 
         self.loaded = load_model(
-            pretrained or DEFAULT_MODEL, gguf_file=gguf_file, dtype=dtype, device=device or "auto"
+            pretrained or DEFAULT_MODEL, gguf_file=gguf_file, dtype=dtype, device=available_device(device)
         )
         method_class = get_method(method)
         amateur_model = None
@@ -94,7 +100,7 @@ class CdlmLM(LM):
 
     def _score(self, groups: list[tuple[str, list[str]]]) -> list[tuple[list[float], list[bool]]]:
         """(scores under the method's rule, expert is_greedy) per continuation, for (context, continuations) groups."""
-        from cdlm.eval_harness.scoring import score_under_rule
+        from cdlm.eval_harness.scoring import check_fits_model, score_under_rule
 
         if self.rule.contrast == "contrastive-input":
             raise ValueError(
@@ -109,6 +115,14 @@ class CdlmLM(LM):
             mine = [i for i, (context, _) in enumerate(groups) if bool(bos and context.startswith(bos)) != add_special]
             if not mine:
                 continue
+            # lm-eval's hf model cuts such contexts from the left; cdlm refuses rather than score other text.
+            check_fits_model(
+                self.loaded.model,
+                self.loaded.tokenizer,
+                [groups[i] for i in mine],
+                add_special_tokens=add_special,
+                what="lm-eval request",
+            )
             responses = score_under_rule(
                 self.loaded.model,
                 self.loaded.tokenizer,
@@ -206,18 +220,9 @@ class CdlmLM(LM):
         return str(rendered)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``cdlm`` model registered (``python -m cdlm.eval_harness.lm_eval_model``)."""
-    from lm_eval.__main__ import cli_evaluate
+if __name__ == "__main__":  # `python -m`: register and run through the importable modules, not this __main__ copy
+    from cdlm.eval_harness.lm_eval_cli import main
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
-
-
-if __name__ == "__main__":  # `python -m`: register and run through the importable module, not this __main__ copy
-    from cdlm.eval_harness.lm_eval_model import main as _main
-
-    _main()
+    sys.exit(main())
 else:
     register_model(NAME)(CdlmLM)

@@ -26,6 +26,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
+from cdlm import progress
 from cdlm.eval_harness.data import load_rows, take, validate_rows
 from cdlm.eval_harness.task import (
     GENERATE_UNTIL,
@@ -35,7 +36,14 @@ from cdlm.eval_harness.task import (
     TaskData,
     fingerprint_rows,
 )
-from cdlm.eval_harness.text_quality import REPETITION_ORDERS, ngram_counts, repetition_stats, words
+from cdlm.eval_harness.text_quality import (
+    MAUVE_MIN_TEXTS,
+    REPETITION_ORDERS,
+    check_mauve_available,
+    ngram_counts,
+    repetition_stats,
+    words,
+)
 
 DOMAINS = ("wikihow", "books")
 SPLITS = ("dev", "test")
@@ -74,7 +82,32 @@ class OpenEndedSettings:
             )
         if settings.split not in SPLITS:
             raise ValueError(f"openended split must be one of {', '.join(SPLITS)}, got {settings.split!r}")
+        if not 0 <= settings.mauve_seed < 2**32:  # numpy's seed range (MAUVE's k-means)
+            raise ValueError(f"openended mauve_seed must be in 0..{2**32 - 1}, got {settings.mauve_seed}")
         return settings
+
+    @property
+    def judged(self) -> bool:
+        return self.judge != "none"
+
+
+def check_judge(reference: str) -> None:
+    """Refuse a judge that cannot be loaded now, not after every continuation is generated (it is first
+    needed by ``aggregate``): a bad path, or offline, a hub id that is not in the local cache."""
+    import os
+
+    from cdlm.models.loading import resolve_reference
+
+    kind, _, _ = resolve_reference(reference)
+    if kind != "hub" or os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(reference, "config.json"), str):
+        raise ValueError(
+            f"openended judge {reference!r} is not a registered model, a local folder or GGUF file, nor a hub model "
+            "in the local cache (the hub is offline); give another judge= or judge=none"
+        )
 
 
 def select(rows: Sequence[dict], settings: OpenEndedSettings) -> list[dict]:
@@ -216,6 +249,7 @@ def corpus_metrics(
         model["empty"] = sum(not r["continuation"].strip() for r in rows) / len(rows)
         human = text_metrics([r["human"] for r in rows])
         if judge and judge != "none":
+            progress.message(f"openended: scoring {len(rows)} {domain} continuations with the judge {judge}")
             scorer = Judge(judge, dtype=judge_dtype)
             humans = [r["human"] for r in rows]
             passes = {"with_perplexity": with_perplexity, "with_coherence": with_coherence}
@@ -250,6 +284,9 @@ class OpenEndedTask(Task):
 
     def load(self, config) -> TaskData:
         self.settings = OpenEndedSettings.from_extra(dict(config.extra or {}))
+        if self.settings.judged:
+            check_mauve_available()
+            check_judge(self.settings.judge)
         rows, source = load_rows(config.data, "openended")
         validate_rows(rows, FIELDS, source)
         unknown = sorted({r["domain"] for r in rows} - set(DOMAINS))
@@ -266,6 +303,15 @@ class OpenEndedTask(Task):
         )
 
     def build_requests(self, data: TaskData, config) -> list[GenerationRequest]:
+        if self.settings.judged:  # MAUVE compares the model's and the human texts of each domain
+            counts = {d: sum(doc["domain"] == d for doc in data.docs) for d in DOMAINS}
+            short = {d: n for d, n in counts.items() if 0 < n < MAUVE_MIN_TEXTS}
+            if short:
+                shown = ", ".join(f"{d}: {n}" for d, n in short.items())
+                raise ValueError(
+                    f"openended MAUVE needs at least {MAUVE_MIN_TEXTS} examples per domain, this run has {shown}; "
+                    f"raise --limit (both domains are interleaved) or pass --task-option judge=none"
+                )
         return [
             GenerationRequest(doc["prompt"], max_new_tokens=min(config.max_new_tokens, MAX_NEW_TOKENS[doc["domain"]]))
             for doc in data.docs

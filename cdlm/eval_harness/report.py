@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +18,10 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
 def rows(results: Sequence[dict]) -> list[dict]:
     """One flat row per (run, metric) with value and stderr."""
     out = []
@@ -23,8 +29,8 @@ def rows(results: Sequence[dict]) -> list[dict]:
         method = result["method"]
         label = method["method"]
         for name, value in result["results"].items():
-            if "_stderr" in name:
-                continue
+            if "_stderr" in name or not _is_number(value):
+                continue  # stderrs sit beside their metric; text (e.g. openended's judge) is a setting, not a score
             timing = result.get("timing", {})
             out.append(
                 {
@@ -92,6 +98,18 @@ def text_table(results: Sequence[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in table) + "\n"
 
 
+def y_limits(values: Sequence[float], errors: Sequence[float]) -> tuple[float, float]:
+    """Axis range holding every bar and error bar, from 0 (or below, for negative values), with 20% headroom.
+
+    Degenerate data (all zero, all NaN) gets the unit range instead of a tiny or empty one.
+    """
+    low = min([0.0, *(v for v in values if math.isfinite(v))])
+    high = max([0.0, *(v + e for v, e in zip(values, errors) if math.isfinite(v + e))])
+    if high - low <= 0:
+        return 0.0, 1.0
+    return (low * 1.2 if low < 0 else 0.0), (high * 1.2 if high > 0 else 0.0)
+
+
 def plot(results: Sequence[dict], path: str | Path, title: str | None = None) -> Path | None:
     """Bar chart of each metric per method with stderr bars; None (no file) without matplotlib."""
     try:
@@ -113,9 +131,10 @@ def plot(results: Sequence[dict], path: str | Path, title: str | None = None) ->
             next((r["stderr"] or 0.0 for r in table if r["metric"] == metric and r["method"] == m), 0.0)
             for m in methods
         ]
+        errors = [e if math.isfinite(e) else 0.0 for e in errors]
         axis.bar(methods, values, yerr=errors, capsize=4, color="tab:blue")
         axis.set_title(metric)
-        axis.set_ylim(0, max(1e-6, max(v + e for v, e in zip(values, errors)) * 1.2))
+        axis.set_ylim(*y_limits(values, errors))
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -84,6 +84,35 @@ def encode_request(
     return EncodedRequest(pairs[0][0], [ids for _, ids in pairs])
 
 
+def check_fits_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    groups: Sequence[tuple[str, Sequence[str]]],
+    *,
+    add_special_tokens: bool = True,
+    what: str = "request",
+    context_name: str = "context",
+) -> None:
+    """Refuse a (context, continuations) group longer than the model's context (``max_position_embeddings``):
+    positions past it give log-likelihoods of no meaning. The length is what every scorer feeds for the longest
+    continuation: ``len(encode(context + continuation))``, or 1 + the continuation's tokens for an empty context
+    (``encode_pair``). ``what`` and ``context_name`` word the message (``"gsm8k example"``, ``"context"``)."""
+    from cdlm.models.prompts import context_length
+
+    limit = context_length(model)
+    if limit is None:
+        return
+    texts = [context + continuation for context, continuations in groups for continuation in continuations]
+    lengths = iter(tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"] if texts else [])
+    for index, (context, continuations) in enumerate(groups):
+        longest = max((len(next(lengths)) + (0 if context else 1) for _ in continuations), default=0)
+        if longest > limit:
+            raise ValueError(
+                f"{what} {index}: {context_name} + longest continuation is {longest} tokens, more than the model's "
+                f"context of {limit}; scoring it would use positions the model has no meaning for: leave it out"
+            )
+
+
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 

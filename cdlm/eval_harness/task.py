@@ -26,7 +26,10 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
+
+# The scoring rule lives with the contrast rule (decoding sits below the harness); re-exported for tasks.
+from cdlm.decoding.contrast import PLAIN_LOGLIKELIHOOD, ScoringRule  # noqa: F401
 
 # Task modules fingerprint their rows with this (one home: cdlm.run_identity).
 from cdlm.run_identity import rows_fingerprint as fingerprint_rows  # noqa: F401
@@ -87,49 +90,6 @@ class LoglikelihoodResponse:
 class GenerationResponse:
     text: str
     num_tokens: int
-
-
-@dataclass(frozen=True)
-class ScoringRule:
-    """How a decoding method scores a fixed continuation in log-likelihood tasks.
-
-    ``score = expert_ll - weight * contrast_ll`` where the contrast log-likelihood comes from
-    ``contrast``: None (plain log-likelihood, what greedy/sampling/contrastive search use: they change
-    which text is generated, not how a given text is scored), ``"amateur"`` (the same tokens under
-    ``amateur``, contrastive decoding) or ``"contrastive-input"`` (the same continuation after the
-    request's ``contrastive_context``, contrastive input decoding). Methods build their rule from their
-    own hyperparameters (``DecodingMethod.scoring_rule``), so defaults live where the method's do.
-    """
-
-    name: str = "loglikelihood"
-    contrast: str | None = None
-    weight: float = 0.0
-    amateur: Any = field(default=None, compare=False, repr=False)
-
-    CONTRASTS: ClassVar[tuple[str | None, ...]] = (None, "amateur", "contrastive-input")
-
-    def __post_init__(self):
-        if self.contrast not in self.CONTRASTS:
-            raise ValueError(f"unknown contrast {self.contrast!r}; choose one of {self.CONTRASTS}")
-        if self.contrast == "amateur" and self.amateur is None:
-            raise ValueError(f"scoring rule {self.name!r} contrasts with an amateur but has none")
-
-    def combine(self, expert: Sequence[float], other: Sequence[float] | None) -> list[float]:
-        if self.contrast is None:
-            return list(expert)
-        if other is None or len(other) != len(expert):
-            raise ValueError(f"scoring rule {self.name!r} needs one contrast log-likelihood per continuation")
-        return [e - self.weight * o for e, o in zip(expert, other)]
-
-    def describe(self) -> dict:
-        """The results-file record (also part of the run signature)."""
-        if self.contrast is None:
-            return {"scoring": self.name}
-        other = {"amateur": "amateur_ll", "contrastive-input": "ll(continuation | contrastive context)"}[self.contrast]
-        return {"scoring": self.name, "beta": float(self.weight), "formula": f"expert_ll - beta * {other}"}
-
-
-PLAIN_LOGLIKELIHOOD = ScoringRule()
 
 
 @dataclass

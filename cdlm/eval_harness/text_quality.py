@@ -80,24 +80,35 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
     return math.exp(sum(nll_sums) / tokens) if tokens else math.nan
 
 
+MAUVE_MIN_TEXTS = 2  # per side: fewer leaves nothing to cluster
+
+
+def check_mauve_available() -> None:
+    """Raise ``MissingDependencyError`` (one line naming the extra) when ``mauve-text`` is not installed."""
+    import importlib.util
+
+    from cdlm.errors import MissingDependencyError
+
+    if importlib.util.find_spec("mauve") is None:
+        raise MissingDependencyError("MAUVE needs the `mauve-text` package: pip install 'cdlm[eval]'")
+
+
 def mauve_score(p_features, q_features, *, seed: int = 25, num_buckets: str | int = "auto") -> float:
     """MAUVE between feature sets P (reference, e.g. human text) and Q (model text), ``mauve-text``'s defaults.
 
     Features are (n, dim) arrays; ``num_buckets="auto"`` is ``mauve-text``'s n/10 clusters. The seed
     fixes the k-means initialisation, so the same features always give the same score.
     """
-    try:
-        import mauve
-    except ImportError as error:
-        raise ImportError("MAUVE needs the `mauve-text` package: pip install 'cdlm[eval]'") from error
+    check_mauve_available()
+    import mauve
     import numpy as np
 
     p = np.asarray(p_features, dtype=np.float32)
     q = np.asarray(q_features, dtype=np.float32)
     if p.ndim != 2 or q.ndim != 2 or p.shape[1] != q.shape[1]:
         raise ValueError(f"MAUVE needs two (n, dim) feature arrays of the same dim, got {p.shape} and {q.shape}")
-    if len(p) < 2 or len(q) < 2:
-        raise ValueError(f"MAUVE needs at least 2 texts per side, got {len(p)} and {len(q)}")
+    if len(p) < MAUVE_MIN_TEXTS or len(q) < MAUVE_MIN_TEXTS:
+        raise ValueError(f"MAUVE needs at least {MAUVE_MIN_TEXTS} texts per side, got {len(p)} and {len(q)}")
     result = mauve.compute_mauve(p_features=p, q_features=q, seed=seed, num_buckets=num_buckets, verbose=False)
     return float(result.mauve)
 

@@ -49,6 +49,13 @@ def text_config(model: PreTrainedModel):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def depth_and_tying(model: PreTrainedModel) -> tuple[int, bool]:
+    """(number of decoder layers, tied input/output embeddings), as transformers 4.55.4's DoLa reads them."""
+    config = text_config(model)
+    tied = getattr(model.config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+    return int(config.num_hidden_layers), bool(tied)
+
+
 @dataclass(frozen=True)
 class LogitTransform:
     """What a model's forward does to ``lm_head(hidden)``: ``logits * multiplier``, then soft-capping."""

@@ -7,6 +7,8 @@ sources go through the dequantised-model cache so only the first load pays for d
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,12 +93,45 @@ def _gguf_special_token_flags(gguf_path: Path) -> dict[str, bool]:
     return flags
 
 
+# transformers' code that turns a GGUF into weights, config and tokenizer (relative to its package).
+_CONVERSION_SOURCES = (
+    "modeling_gguf_pytorch_utils.py",
+    "integrations/ggml.py",
+    "integrations/gguf/*.py",
+    "conversion_mapping.py",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def conversion_fingerprint() -> str:
+    """What decides a cache entry's contents besides the GGUF: transformers' GGUF-reading source files, the
+    ``gguf`` package version and ``CACHE_LAYOUT`` (cdlm's own conversion steps).
+
+    Keyed on these rather than the transformers version, a fresh environment with another transformers
+    release whose GGUF code is unchanged reuses the entry. What is *read back* is a ``save_pretrained``
+    folder, which later transformers releases load by their own compatibility promise.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = Path(transformers.__file__).parent
+    digest = hashlib.sha256()
+    for pattern in _CONVERSION_SOURCES:
+        for path in sorted(root.glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "none"
+    digest.update(f"gguf={gguf_version};layout={CACHE_LAYOUT}".encode())
+    return digest.hexdigest()[:16]
+
+
 def _gguf_cache_entry(gguf_path: Path) -> CacheEntry:
-    # The key covers what the file is (its content hash, not its path, so another checkout or venv
-    # with the same file hits) and the transformers release: GGUF tokenizer conversion (BOS handling
-    # in particular) has changed between releases.
+    # The key covers what the file is (its content hash, not its path, so another checkout or venv with the
+    # same file hits) and the conversion code (GGUF tokenizer conversion, BOS handling in particular, has
+    # changed between transformers releases), not the transformers version as a whole.
     stem = gguf_path.name.removesuffix(".gguf")
-    key = f"{stem}-{file_sha256(gguf_path)[:16]}-tf{transformers.__version__}-c{CACHE_LAYOUT}"
+    key = f"{stem}-{file_sha256(gguf_path)[:16]}-conv{conversion_fingerprint()}"
     return CacheEntry(cache_root() / "models" / key)
 
 
@@ -123,7 +158,7 @@ def cached_gguf_folder(gguf_path: str | Path) -> tuple[Path, bool]:
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     entry = _gguf_cache_entry(gguf_path)
-    source = {"gguf": str(gguf_path), "transformers": transformers.__version__}
+    source = {"gguf": str(gguf_path), "transformers": transformers.__version__, "conversion": conversion_fingerprint()}
     return get_or_build(entry, lambda tmp: _dequantise_into(gguf_path, tmp), source)
 
 

@@ -75,3 +75,21 @@ def check_fits_context(
                 f"{length + max_new_tokens} positions, more than the model's context of {limit}: shorten the prompt "
                 "or lower max_new_tokens"
             )
+
+
+def check_left_padded(attention_mask: Any, what: str = "attention_mask") -> None:
+    """Raise ``ValueError`` when a row of ``attention_mask`` has padding after its text (right padding).
+
+    Decoder-only generation continues each row from its last position; with right padding that is a pad
+    token and the row's continuation is silently wrong. A tokenizer saved and reloaded (or built with
+    ``AutoTokenizer``) pads on the right: tokenise with ``padding_side="left"``.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[1] < 2:
+        return
+    mask = attention_mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        row = int((mask[:, 1:] < mask[:, :-1]).any(-1).long().argmax())
+        raise ValueError(
+            f"{what} row {row} is right-padded (padding after the text): decoder-only generation needs left "
+            "padding; set tokenizer.padding_side = 'left' (or pass padding_side='left') before tokenising"
+        )

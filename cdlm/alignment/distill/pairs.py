@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from cdlm.alignment.parallel import main_process_first
 from cdlm.models.amateur import TokenizerMismatchError, check_same_vocabulary
 from cdlm.models.prompts import adds_special_tokens, eos_token_ids, render_prompts
+from cdlm.textio import MalformedRowError, dumps_line, read_jsonl_numbered, read_text_lines
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 SCORE_FIELDS = ("chosen_teacher_logp", "chosen_student_logp", "rejected_teacher_logp", "rejected_student_logp")
@@ -227,23 +228,20 @@ def settings_path(output: str | Path) -> Path:
 
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Read a pair file written by :func:`generate_pairs` (or any jsonl with the same fields)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"pair file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                # A run killed mid-write leaves at most a truncated last line; anything else is corrupt.
-                raise ValueError(
-                    f"{path}:{number} is not valid JSON ({error}); remove that line and resume"
-                ) from error
-    return rows
+    """Read a pair file written by :func:`generate_pairs` (or any jsonl with the same fields).
+
+    Errors name ``file:LINE``: a line that is not JSON or not an object, a row lacking a token-id field
+    or holding one that is not a list of integers.
+    """
+    numbered = read_jsonl_numbered(path, "pair file")
+    for number, row in numbered:
+        for name in PAIR_FIELDS:
+            if name not in row:
+                continue  # check_pair_rows names missing fields
+            ids = row[name]
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise MalformedRowError(f"{path}:{number}: {name!r} must be a list of token ids (integers)")
+    return [row for _, row in numbered]
 
 
 def generate_pairs(
@@ -379,7 +377,7 @@ def _write_pairs(
                     "rejected_ids": rejected[row],
                     **{name: values[row] for name, values in scores.items()},
                 }
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps_line(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
             finished += len(batch)
@@ -391,28 +389,27 @@ def _write_pairs(
 
 
 def read_prompts(path: str | Path, field: str | None = None, limit: int | None = None) -> list[str]:
-    """Prompts from a text file (one per line) or JSON lines (``field``, default ``prompt``/``question``)."""
+    """Prompts from a text file (one per line, split at ``"\\n"`` only) or JSON lines (``field``, default
+    ``prompt``/``question``/``instruction``); ``limit``: the first N."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
     prompts: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            if path.suffix in (".jsonl", ".json"):
-                row = json.loads(line)
-                key = field or next((k for k in ("prompt", "question", "instruction") if k in row), None)
-                if key is None or key not in row:
-                    raise ValueError(f"{path}: no field {field or 'prompt/question/instruction'!r} in {sorted(row)}")
-                prompts.append(str(row[key]))
-            else:
-                prompts.append(line.rstrip("\n"))
-            if limit is not None and len(prompts) >= limit:
-                break
+    if path.suffix in (".jsonl", ".json"):
+        for number, row in read_jsonl_numbered(path, "prompt file"):
+            key = field or next((k for k in ("prompt", "question", "instruction") if k in row), None)
+            if key is None or key not in row:
+                raise MalformedRowError(
+                    f"{path}:{number} has no field {field or 'prompt/question/instruction'!r} (has {sorted(row)})"
+                )
+            if not isinstance(row[key], str):
+                raise MalformedRowError(f"{path}:{number}: {key!r} must be text, got {type(row[key]).__name__}")
+            prompts.append(row[key])
+    else:
+        prompts = read_text_lines(path, "prompt file")
     if not prompts:
         raise ValueError(f"the prompt set {path} is empty")
-    return prompts
+    return prompts[:limit] if limit is not None else prompts
 
 
 def check_pair_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

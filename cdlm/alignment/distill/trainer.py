@@ -35,6 +35,7 @@ from transformers import (
     TrainerCallback,
 )
 
+from cdlm.alignment.callbacks import StopOnNonFinite
 from cdlm.alignment.distill.config import DistiLLM2Config
 from cdlm.alignment.distill.dataset import DistiLLM2Collator, PairDataset, tokenize_pair_rows
 from cdlm.alignment.distill.losses import (
@@ -64,7 +65,8 @@ def _logits_fn(model: PreTrainedModel, vocab_size: int):
     bias = None if head.bias is None else head.bias[:vocab_size]
 
     def fn(hidden: Tensor) -> Tensor:
-        return apply_head(hidden, head.weight[:vocab_size], bias, transform)
+        # The Trainer may hand back float32 hidden states of a bf16 model (mixed precision): match the head.
+        return apply_head(hidden.to(head.weight.dtype), head.weight[:vocab_size], bias, transform)
 
     return fn
 
@@ -163,6 +165,7 @@ class DistiLLM2Trainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
         check_launch(self.accelerator)
+        self.add_callback(StopOnNonFinite())
         refuse_sharded_weights(self.accelerator, "DistiLLM2Trainer")
         self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}

@@ -47,7 +47,8 @@ class CHESSettings:
 
     Parameters:
         max_length: cut prompt + reply to this many tokens, keeping the start (as the trainers' collator does);
-            ``None`` keeps whole sequences.
+            ``None`` keeps whole sequences (a pair longer than the model's context is then refused, as is a
+            ``max_length`` past it: hidden states beyond the trained positions mean nothing).
     """
 
     max_length: int | None = None
@@ -83,6 +84,29 @@ def tokenize_pairs(dataset: Dataset, tokenizer: Any) -> Dataset:
     args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     trainer_stub = types.SimpleNamespace(_tokenizer=getattr(tokenizer, "tokenizer", tokenizer))
     return DPOTrainer._prepare_dataset(trainer_stub, with_explicit_prompt(dataset), tokenizer, args, "CHES")
+
+
+def check_fits_model(model: torch.nn.Module, tokenized: Dataset, settings: CHESSettings) -> None:
+    """Refuse pairs longer than the model's context: positions past it give hidden states, and scores, of no meaning.
+
+    With ``max_length`` every sequence is cut to it, so only ``max_length`` itself is compared.
+    """
+    from cdlm.models.prompts import context_length
+
+    limit = context_length(model)
+    if limit is None:
+        return
+    if settings.max_length is not None:
+        if settings.max_length > limit:
+            raise ValueError(f"max_length={settings.max_length} is past the model's context of {limit} tokens")
+        return
+    for index, row in enumerate(tokenized):
+        length = len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+        if length > limit:
+            raise ValueError(
+                f"pair {index} has {length} tokens (prompt + longer reply), past the model's context of {limit}: "
+                f"pass --max-length {limit} (or less) to cut pairs as training does"
+            )
 
 
 def _truncate(prompt: list[int], reply: list[int], max_length: int | None) -> list[int]:
@@ -151,19 +175,21 @@ def score_pairs(
     ``samples.jsonl`` as each batch finishes and an interrupted run continues where it stopped (same model weights,
     data and settings, or a ``ValueError``).
     """
-    from cdlm.eval_harness.records import RunFolder
+    from cdlm.runs import RunFolder
 
     settings = settings or CHESSettings()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(dataset) == 0:
         raise ValueError("preference dataset is empty")
+    # Everything that can be refused is refused before anything is written (a run.json would block the rerun).
+    tokenized = tokenize_pairs(dataset, tokenizer)
+    check_fits_model(model, tokenized, settings)
     folder = None
     done: dict[int, dict] = {}
     if output_dir is not None:
         folder = RunFolder.open(output_dir, run_signature(model, dataset, settings), overwrite=overwrite)
         done = folder.finished()
-    tokenized = tokenize_pairs(dataset, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     todo = [i for i in range(len(tokenized)) if i not in done]
     rows = {i: tokenized[i] for i in todo}

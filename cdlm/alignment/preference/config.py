@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import DPOConfig
 
 from cdlm.alignment.parallel import use_cpu_for_cpu_launch
+from cdlm.alignment.settings import check_values
 
 METHODS: tuple[str, ...] = ("dpo", "apo_zero", "apo_down", "cpo", "sparsepo")
 """Objectives :class:`~cdlm.alignment.PreferenceTrainer` can train with."""
 
 # DPO and APO are TRL loss types already; the trainer delegates them to DPOTrainer unchanged.
 TRL_LOSS_TYPES: dict[str, str] = {"dpo": "sigmoid", "apo_zero": "apo_zero", "apo_down": "apo_down"}
+
+
+CHANGED_TRL_DEFAULTS: dict[str, tuple[Any, Any]] = {}
+"""Fields whose default differs from TRL's ``DPOConfig``: name -> (cdlm default, TRL default)."""
+
+
+def _changed_default(name: str, default: Any, help_text: str) -> Any:
+    """A field whose default differs from ``DPOConfig``'s; its help (and so ``--help``) names TRL's default."""
+    trl_field = DPOConfig.__dataclass_fields__[name]
+    trl_default = trl_field.default
+    if trl_default is dataclasses.MISSING and trl_field.default_factory is not dataclasses.MISSING:
+        trl_default = trl_field.default_factory()
+    CHANGED_TRL_DEFAULTS[name] = (default, trl_default)
+    return field(default=default, metadata={"help": f"{help_text} TRL default: {trl_default}."})
+
+
+# Settings only some methods read: a non-default value with another method would be silently ignored.
+_METHOD_ONLY = {"cpo_alpha": ("cpo",)}
+_LEARNED_MASK_ONLY = ("sparsepo_shared_mask", "sparsepo_mask_l1", "sparsepo_mask_weight_decay")
 
 
 @dataclass
@@ -45,15 +67,15 @@ class PreferenceConfig(DPOConfig):
     """
 
     # cdlm trains LoRA adapters by default: TRL's full-fine-tuning defaults (learning rate 1e-6, 3 epochs)
-    # barely move an adapter, so these few defaults differ from DPOConfig's.
-    learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate (suits LoRA adapters)."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over the training pairs."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Pairs per device per step."})
-    max_length: int | None = field(
-        default=512, metadata={"help": "Max tokens of prompt + reply (longer ones truncated)."}
+    # barely move an adapter, so these few defaults differ from DPOConfig's; each field's help says so.
+    learning_rate: float = _changed_default(
+        "learning_rate", 5e-5, "Initial AdamW learning rate (suits LoRA adapters)."
     )
-    logging_steps: float = field(default=5, metadata={"help": "Log every N optimizer steps."})
-    save_steps: float = field(default=50, metadata={"help": "Save a checkpoint every N optimizer steps."})
+    num_train_epochs: float = _changed_default("num_train_epochs", 1.0, "Passes over the training pairs.")
+    per_device_train_batch_size: int = _changed_default("per_device_train_batch_size", 4, "Pairs per device per step.")
+    max_length: int | None = _changed_default("max_length", 512, "Max tokens of prompt + reply (longer: truncated).")
+    logging_steps: float = _changed_default("logging_steps", 5, "Log every N optimizer steps.")
+    save_steps: float = _changed_default("save_steps", 50, "Save a checkpoint every N optimizer steps.")
     method: str = field(default="dpo", metadata={"help": "Objective.", "choices": METHODS})
     cpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the NLL term on chosen replies (CPO)."})
     sparsepo_mask_type: str = field(
@@ -96,6 +118,7 @@ class PreferenceConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
+        check_values(self)
         self.method = str(self.method).lower().replace("-", "_")
         if self.method not in METHODS:
             raise ValueError(f"unknown preference method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -107,6 +130,11 @@ class PreferenceConfig(DPOConfig):
             if requested not in (["sigmoid"], [TRL_LOSS_TYPES[self.method]]):
                 raise ValueError(f"method={self.method!r} sets loss_type itself; got loss_type={requested}")
             self.loss_type = [TRL_LOSS_TYPES[self.method]]
+        elif self.loss_type not in ("sigmoid", ["sigmoid"]):
+            raise ValueError(
+                f"method={self.method!r} computes its own loss and ignores loss_type; got loss_type={self.loss_type}"
+            )
+        self._refuse_ignored_settings()
         if self.cpo_alpha < 0:
             raise ValueError(f"cpo_alpha must be >= 0, got {self.cpo_alpha}")
         if self.sparsepo_mask_type not in ("learned", "activation"):
@@ -141,3 +169,26 @@ class PreferenceConfig(DPOConfig):
             self.bf16 = False
         use_cpu_for_cpu_launch(self)  # torchrun on CPUs: gloo DDP, not N independent copies
         super().__post_init__()
+
+    def _refuse_ignored_settings(self) -> None:
+        """Refuse a non-default value of a setting the chosen method (or mask type) never reads."""
+        defaults = {f.name: f for f in dataclasses.fields(PreferenceConfig)}
+
+        def changed(name: str) -> bool:
+            spec = defaults[name]
+            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+            return getattr(self, name) != default
+
+        ignored = [name for name, methods in _METHOD_ONLY.items() if self.method not in methods and changed(name)]
+        if self.method != "sparsepo":
+            ignored += [name for name in defaults if name.startswith("sparsepo_") and changed(name)]
+        elif self.sparsepo_mask_type == "activation":
+            ignored += [name for name in (*_LEARNED_MASK_ONLY, "sparsepo_mask_learning_rate") if changed(name)]
+        elif changed("sparsepo_activation"):
+            ignored.append("sparsepo_activation")
+        if ignored:
+            raise ValueError(
+                f"method={self.method!r}"
+                + (f" with sparsepo_mask_type={self.sparsepo_mask_type!r}" if self.method == "sparsepo" else "")
+                + f" ignores {', '.join(sorted(ignored))}: drop {'it' if len(ignored) == 1 else 'them'}"
+            )

@@ -11,8 +11,6 @@ first, counts them and either raises or drops them with a warning that says how 
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict, load_dataset
+from pyarrow.lib import ArrowException
 from trl.data_utils import is_conversational, maybe_extract_prompt
+
+from cdlm.textio import MalformedRowError, read_jsonl_numbered
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,52 @@ def default_preference_path() -> Path:
     return Path(str(resources.files("cdlm") / "data" / "preferences" / DEFAULT_PREFERENCE_FILE))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def _field_problem(value: Any) -> str | None:
+    """Why ``value`` is not a preference field (text, or a list of ``{"role", "content"}`` messages), or None."""
+    if isinstance(value, str) or value is None:
+        return None
+    if isinstance(value, list):
+        for message in value:
+            if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
+                return "a list whose items are not {'role': ..., 'content': text} messages"
+        return None
+    return f"a {type(value).__name__}"
+
+
+def check_preference_rows(rows: list[tuple[int, dict[str, Any]]], path: Path) -> None:
+    """Refuse, naming ``file:LINE``, a row lacking a needed field or holding a field of the wrong type."""
+    for number, row in rows:
+        missing = [name for name in REQUIRED_COLUMNS if name not in row]
+        if missing:
+            raise MalformedRowError(f"{path}:{number} lacks {', '.join(map(repr, missing))} (has {sorted(row)})")
+        for name in ("prompt", *REQUIRED_COLUMNS):
+            problem = _field_problem(row.get(name))
+            if problem is not None:
+                raise MalformedRowError(
+                    f"{path}:{number}: {name!r} must be text or a list of chat messages, not {problem}"
+                )
+        if "split" in row and not isinstance(row["split"], str):
+            raise MalformedRowError(f"{path}:{number}: 'split' must be text, got {row['split']!r}")
+
+
+def _select_split(
+    rows: list[tuple[int, dict[str, Any]]], path: Path, split: str | None, where: str = "{path}:{number}"
+) -> list[dict[str, Any]]:
+    """The rows of ``split``; a file where only some rows name their split is refused (which would the rest be?)."""
+    labelled = [number for number, row in rows if row.get("split") is not None]
+    if split is None or not labelled:
+        return [row for _, row in rows]
+    if len(labelled) < len(rows):
+        unlabelled = next(number for number, row in rows if row.get("split") is None)
+        raise MalformedRowError(
+            f"{where.format(path=path, number=unlabelled)} has no 'split' while {len(labelled)} of {len(rows)} "
+            "rows have one: label every row, or none (then the whole file is used)"
+        )
+    chosen = [row for _, row in rows if row["split"] == split]
+    if not chosen:
+        found = sorted({row["split"] for _, row in rows})
+        raise ValueError(f"preference file {path} has no rows with split={split!r} (its splits: {found})")
+    return chosen
 
 
 def load_preference_dataset(source: str | Path | None = None, split: str | None = "train") -> Dataset:
@@ -49,34 +92,45 @@ def load_preference_dataset(source: str | Path | None = None, split: str | None 
     Args:
         source: ``None`` for the shipped HH-RLHF set; a ``.jsonl``/``.jsonl.gz``/``.json``/``.csv``/``.parquet``
             file; or a hub dataset id (needs the network or a populated datasets cache).
-        split: for the shipped set and JSONL files with a ``split`` column, the rows whose ``split`` equals this
-            value (``None`` keeps all rows); for hub ids, the split to load.
+        split: for the shipped set and files with a ``split`` column, the rows whose ``split`` equals this
+            value (``None`` keeps all rows; a file where only some rows have a split is refused); for hub ids,
+            the split to load.
 
     Returns:
-        A :class:`datasets.Dataset`. Columns are checked by :func:`validate_preference_dataset`, not here.
+        A :class:`datasets.Dataset`. JSON-lines rows are checked here (objects with text or message fields,
+        errors name ``file:LINE``); the pairs themselves by :func:`validate_preference_dataset`.
     """
     if source is None:
         source = default_preference_path()
     path = Path(source)
     if path.exists():
         name = path.name.lower()
-        if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")):
-            rows = _read_jsonl(path)
-            if not rows:
+        if name.endswith((".jsonl", ".jsonl.gz", ".json.gz")) or path.is_fifo() or path.is_char_device():
+            numbered = read_jsonl_numbered(path, "preference file")
+            if not numbered:
                 raise ValueError(f"preference file {path} has no rows")
-            if split is not None and all("split" in row for row in rows):
-                rows = [row for row in rows if row["split"] == split]
-                if not rows:
-                    raise ValueError(f"preference file {path} has no rows with split={split!r}")
-            return Dataset.from_list(rows)
+            check_preference_rows(numbered, path)
+            rows = _select_split(numbered, path, split)
+            try:
+                return Dataset.from_list(rows)
+            except (TypeError, ValueError, ArrowException) as error:  # e.g. a field that is text here, a list there
+                raise MalformedRowError(
+                    f"preference file {path}: its rows do not share one type per field ({error})"
+                ) from None
         kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
         if kind is None:
             raise ValueError(
                 f"unsupported preference file type {path.suffix!r} ({path}): use .jsonl[.gz], .json, .csv or .parquet"
             )
-        loaded = load_dataset(kind, data_files=str(path), split="train")
+        try:
+            loaded = load_dataset(kind, data_files=str(path), split="train")
+        except Exception as error:  # datasets wraps parse errors (Arrow, pandas, json) in many types
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise MalformedRowError(f"preference file {path} could not be read as {kind}: {reason}") from None
         if split is not None and "split" in loaded.column_names:
-            loaded = loaded.filter(lambda row: row["split"] == split)
+            numbered = list(enumerate(loaded, 1))
+            keep = _select_split(numbered, path, split, where="{path} (row {number})")
+            loaded = Dataset.from_list(keep) if len(keep) != len(loaded) else loaded
         return loaded
     if str(source).endswith((".jsonl", ".gz", ".json", ".csv", ".parquet")):
         raise FileNotFoundError(f"preference file not found: {source}")

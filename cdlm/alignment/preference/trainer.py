@@ -33,6 +33,8 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin, TrainerCallbac
 from trl import DPOTrainer
 from trl.trainer.utils import use_adapter
 
+from cdlm import progress
+from cdlm.alignment.callbacks import StopOnNonFinite
 from cdlm.alignment.parallel import check_launch, refuse_sharded_weights
 from cdlm.alignment.preference.config import TRL_LOSS_TYPES, PreferenceConfig
 from cdlm.alignment.preference.data import PreferenceDataReport, validate_preference_dataset
@@ -122,8 +124,7 @@ class PreferenceTrainer(DPOTrainer):
         # id in its config); claiming precomputed reference log-probs skips that, and `_precompute_ref_logps` below
         # turns the precompute pass itself into a no-op.
         if self.method == "cpo" and ref_model is not None:
-            logger.warning("method='cpo' is reference-free: the given ref_model is not used")
-            ref_model = None
+            raise ValueError("method='cpo' is reference-free and would ignore the given ref_model: drop it")
         skip_reference = self.method == "cpo" and kwargs.get("peft_config") is None and not is_peft_model(model)
         if skip_reference:
             args.precompute_ref_log_probs = True
@@ -169,6 +170,7 @@ class PreferenceTrainer(DPOTrainer):
                     # The masks live outside the wrapped model: start every process from rank 0's heads.
                     for tensor in self.mask_module.state_dict().values():
                         torch.distributed.broadcast(tensor, src=0)
+        self.add_callback(StopOnNonFinite((self.mask_module,) if self.mask_module is not None else ()))
         # Likelihood-displacement monitoring (args.displacement_pairs > 0); None when off.
         self.displacement = attach_displacement_monitor(self)
 
@@ -417,12 +419,14 @@ class PreferenceTrainer(DPOTrainer):
         identity = reference_logps is None and self._adapter_is_identity()
         policy, reference = [], []
         try:
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                policy.append(torch.stack(self._sequence_logps(self.model, batch), -1).cpu())
-                if reference_logps is None and not identity:
-                    ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, batch)
-                    reference.append(torch.stack([ref_chosen, ref_rejected], -1).cpu())
+            with progress.track(len(dataset), "held-out preference metrics", unit="pair") as tracker:
+                for batch in loader:
+                    batch = self._prepare_inputs(batch)
+                    policy.append(torch.stack(self._sequence_logps(self.model, batch), -1).cpu())
+                    if reference_logps is None and not identity:
+                        ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, batch)
+                        reference.append(torch.stack([ref_chosen, ref_rejected], -1).cpu())
+                    tracker.update(policy[-1].shape[0])
         finally:
             self.model.train(was_training)
         policy_logps = torch.cat(policy).double()

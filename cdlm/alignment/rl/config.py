@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 
 from cdlm.alignment.parallel import use_cpu_for_cpu_launch
 from cdlm.alignment.rl.core import KL_ESTIMATORS
+from cdlm.alignment.settings import check_values
 
 
 @dataclass
@@ -70,6 +71,7 @@ class PPOConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Report statistics every N iterations."})
 
     def __post_init__(self) -> None:
+        check_values(self)
         for name in ("num_iterations", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -214,6 +214,24 @@ def load_reward(spec: str, *, device: str | torch.device = "cpu", batch_size: in
     return SequenceClassificationReward(model.to(device), tokenizer, batch_size=batch_size)
 
 
+def reward_identity(reward: RewardFunction) -> str:
+    """What scored a set of rewards, for caches that store them: the rule and its settings, or the model's weights."""
+    from cdlm.run_identity import weights_fingerprint
+
+    if isinstance(reward, GSM8KReward):
+        return (
+            f"rule:gsm8k(correct={reward.correct}, incorrect={reward.incorrect}, format={reward.format_reward}, "
+            f"answers={len(reward.answers)})"
+        )
+    if isinstance(reward, SequenceClassificationReward):
+        return (
+            f"reward_model:{weights_fingerprint(reward.model)}(max_length={reward.max_length}, "
+            f"chat={reward.use_chat_template})"
+        )
+    module = getattr(reward, "__module__", None) or type(reward).__module__
+    return f"{module}.{getattr(reward, '__qualname__', type(reward).__qualname__)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Contrastive rewards.
 
@@ -222,8 +240,10 @@ class ContrastiveReward:
     """``r(x, y) - aggregate(baseline rewards of x)`` with optional running normalisation and clipping.
 
     ``baselines`` maps a prompt's text to the rewards of its ``k`` offline baseline responses: a
-    :class:`cdlm.alignment.rl.baselines.BaselineCache` or any mapping. ``aggregate`` is ``"mean"``
-    (the paper's choice), ``"median"`` or ``"max"`` (compare against the best baseline). With
+    :class:`cdlm.alignment.rl.baselines.BaselineCache`, a :class:`~cdlm.alignment.rl.baselines.LazyBaselines`
+    (which :class:`~cdlm.alignment.rl.trainer.PPOTrainer` fills for each iteration's prompts) or any mapping.
+    ``aggregate`` is ``"mean"`` (the paper's choice), ``"median"`` or ``"max"`` (compare against the best
+    baseline). With
     ``normalize=True`` the contrastive rewards are divided by the running standard deviation of all
     contrastive rewards seen so far (keeps the scale stable as the policy improves); ``clip`` then
     clamps them to ``[-clip, clip]``. The raw rewards of the last call are kept in ``last_raw_rewards``.

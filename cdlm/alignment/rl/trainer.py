@@ -43,11 +43,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
+from cdlm.alignment.callbacks import StopOnNonFinite
+from cdlm.alignment.checkpoints import checkpoints, last_complete_checkpoint
 from cdlm.alignment.parallel import check_launch
 from cdlm.alignment.rl import core
 from cdlm.alignment.rl.config import ContrastivePPOConfig, PPOConfig
 from cdlm.alignment.rl.rewards import ContrastiveReward, RewardFunction, check_rewards
 from cdlm.alignment.rl.rollout import Rollout, prompt_text, render_prompts, sample_responses
+from cdlm.alignment.settings import without_secrets
 
 __all__ = ["ContrastivePPOConfig", "PPOConfig", "PPOTrainer", "ValueHead"]
 
@@ -201,6 +204,7 @@ class PPOTrainer:
         self.history: list[dict[str, float]] = []
         self.record_callbacks = [c for c in callbacks if not isinstance(c, TrainerCallback)]
         trainer_callbacks = [DefaultFlowCallback, *get_reporting_integration_callbacks(args.report_to)]
+        trainer_callbacks.append(StopOnNonFinite((self.value_head,)))
         trainer_callbacks += [c for c in callbacks if isinstance(c, TrainerCallback)]
         self.callback_handler = CallbackHandler(trainer_callbacks, self.model, processing_class, self.optimizer, None)
         self.state = TrainerState(
@@ -315,6 +319,11 @@ class PPOTrainer:
         args, accelerator, started = self.args, self.accelerator, time.perf_counter()
         rows = self._batch_rows(self.step)
         share = self._local_share()
+        baselines = self.reward.baselines if isinstance(self.reward, ContrastiveReward) else None
+        if baselines is not None and hasattr(baselines, "ensure"):
+            # Lazy contrastive baselines: sampled from the initial policy (the reference) for this batch's prompts.
+            with torch.no_grad(), self._reference() as reference:
+                baselines.ensure(rows, reference)
         local_rows = rows[share]
         rendered = render_prompts(
             self.tokenizer, [prompt_text(r["prompt"]) for r in local_rows], args.use_chat_template
@@ -468,8 +477,8 @@ class PPOTrainer:
         return self.history
 
     def latest_checkpoint(self) -> Path | None:
-        folders = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        return folders[-1] if folders else None
+        """The newest complete ``checkpoint-N`` (a folder torn by a kill during its save is skipped)."""
+        return last_complete_checkpoint(self.args.output_dir, set_aside=False)
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path:
         """Write ``checkpoint-STEP`` (main process only; the others wait for it)."""
@@ -480,7 +489,8 @@ class PPOTrainer:
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
             if self.is_peft:
                 self.model.save_pretrained(str(path / "adapter"))
-            state = {"step": self.step, "history": self.history, "config": _jsonable(asdict(self.args))}
+            config = _jsonable(without_secrets(asdict(self.args)))
+            state = {"step": self.step, "history": self.history, "config": config}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
             self._rotate_checkpoints(keep=path)
         self.accelerator.wait_for_everyone()
@@ -492,7 +502,7 @@ class PPOTrainer:
         limit = self.args.save_total_limit
         if not limit:
             return
-        folders = sorted(Path(self.args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        folders = checkpoints(self.args.output_dir)
         for folder in [f for f in folders if f != keep][: max(0, len(folders) - limit)]:
             shutil.rmtree(folder)
 
@@ -500,7 +510,7 @@ class PPOTrainer:
         path = Path(path)
         if not (path / "trainer_state.json").exists():
             raise FileNotFoundError(f"{path} is not a PPO checkpoint (no trainer_state.json)")
-        state = torch.load(path / "trainable.pt", map_location="cpu")
+        state = torch.load(path / "trainable.pt", map_location="cpu", weights_only=True)
         params = dict(("policy." + n, p) for n, p in self.model.named_parameters() if p.requires_grad)
         params.update(("value_head." + n, p) for n, p in self.value_head.named_parameters())
         if set(state) != set(params):
@@ -508,7 +518,7 @@ class PPOTrainer:
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         saved = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.step, self.history = int(saved["step"]), list(saved["history"])
         self._saved_step = self.step

@@ -29,7 +29,11 @@ Design
 * **Per-request settings through ``SamplingParams.extra_args``** as flat ``cdlm_*`` keys
   (``ContrastParams``; over HTTP the body's ``vllm_xargs``), so greedy, sampled, CD and CID requests
   with different hyperparameters share one engine and batch. ``validate_params`` rejects bad
-  settings when a request is submitted (HTTP 400 on the server).
+  settings when a request is submitted (HTTP 400 on the server), checked against the served model
+  (``served``: layers, vocabulary, ``max_model_len``, amateurs that resolve and share the tokenizer).
+* **No request can stop the engine.** Whatever still fails inside the engine for one request (an
+  amateur that cannot be built, a failing forward) ends that request at once (EOS) and is logged;
+  the other requests and later clients are unaffected (``core``).
 * The processor is not argmax-invariant, so vLLM applies it for greedy requests too; sampling
   parameters (temperature, top-k, top-p) then act on the contrastive scores, as in transformers.
 
@@ -65,10 +69,10 @@ from cdlm.decoding.vllm.backend import (
     generate,
     load_vllm,
     require_vllm,
-    resolve_served_folder,
     runner_compatible,
 )
 from cdlm.decoding.vllm.params import KEY_PREFIX, ContrastParams
+from cdlm.decoding.vllm.served import resolve_served_folder
 
 PROCESSOR_FQCN = "cdlm.decoding.vllm.processors:ContrastiveLogitsProcessor"
 

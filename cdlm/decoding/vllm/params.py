@@ -15,6 +15,7 @@ spec and CID's contrastive prompt ids.
 
 Importing this module imports neither vLLM nor torch: parsing and validation run, and are tested,
 without vLLM installed (checking an ``early-exit:N`` spec imports cdlm's model helpers on first use).
+These are the checks that need no model; ``served`` adds those against the model being served.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from cdlm.decoding.contrast import (
     DEFAULTS,
     ContrastSettings,
     check_eos_promotion,
+    unused_hyperparameters,
+    unused_message,
 )
 
 KEY_PREFIX = "cdlm_"
@@ -36,6 +39,15 @@ METHODS = {"cd": CD_HYPERPARAMETERS, "cid": CID_HYPERPARAMETERS}
 # The amateur spec that means "the expert itself" (CID contrasts two inputs to one model).
 SELF_AMATEUR = "self"
 _NUMERIC = {name for name, value in DEFAULTS.items() if isinstance(value, float)}
+
+
+def check_amateur_spec(spec: str) -> None:
+    """Raise ``ValueError`` for a malformed ``early-exit:N`` spec (``served`` checks N against the model)."""
+    from cdlm.models.amateur import parse_early_exit
+
+    layers = parse_early_exit(spec)
+    if layers is not None and layers < 1:
+        raise ValueError(f"an early-exit amateur needs at least 1 layer, got {spec!r}")
 
 
 @dataclass(frozen=True)
@@ -98,8 +110,6 @@ class ContrastParams:
             raise ValueError("method 'cd' needs cdlm_amateur (e.g. 'early-exit:8' or a model reference)")
         if not isinstance(self.amateur, str) or not self.amateur:
             raise ValueError(f"cdlm_amateur must be a non-empty string, got {self.amateur!r}")
-        from cdlm.decoding.vllm.amateurs import check_amateur_spec
-
         check_amateur_spec(self.amateur)
 
     def _build_settings(self) -> ContrastSettings:
@@ -149,6 +159,9 @@ class ContrastParams:
                 raise ValueError(
                     f"{sorted(KEY_PREFIX + k for k in foreign)} not setting(s) of method {ours['method']!r}"
                 )
+            for name in unused_hyperparameters(ours["method"], ours):
+                if name in ours:  # given, but the rule ignores it: refused rather than recorded as if used
+                    raise ValueError(f"{KEY_PREFIX}{name}: {unused_message(name)}")
         values = dict(ours)
         ids = values.get("contrastive_prompt_token_ids")
         if ids is not None:
@@ -162,13 +175,15 @@ class ContrastParams:
     def to_extra_args(self) -> dict[str, Any]:
         """Flat ``extra_args`` for ``SamplingParams`` (also the ``vllm_xargs`` of an HTTP request).
 
-        Only the method's own hyperparameters are written, so the dict is what a user would type.
+        Only the method's own hyperparameters that its rule uses are written (no ``beta`` for Li's CD),
+        so the dict is what a user would type and ``from_extra_args`` accepts it.
         """
         values: dict[str, Any] = {"method": self.method}
         if self.method == "cd":
             values["amateur"] = self.amateur
-        for name in METHODS[self.method]:
-            values[name] = getattr(self, name)
+        own = {name: getattr(self, name) for name in METHODS[self.method]}
+        unused = unused_hyperparameters(self.method, own)
+        values.update({name: value for name, value in own.items() if name not in unused})
         values["eos_promotion"] = self.eos_promotion
         if self.contrastive_prompt_token_ids is not None:
             values["contrastive_prompt_token_ids"] = list(self.contrastive_prompt_token_ids)

@@ -4,7 +4,9 @@ Register the class when building the engine (``LLM(..., logits_processors=[Contr
 or ``vllm serve ... --logits-processors cdlm.decoding.vllm.processors:ContrastiveLogitsProcessor``)
 and switch it on per request with ``SamplingParams(extra_args=ContrastParams(...).to_extra_args())``
 (over HTTP: the same flat ``cdlm_*`` keys in the body's ``vllm_xargs``). Requests without cdlm settings
-pass through untouched. See ``cdlm.decoding.vllm`` for the design.
+pass through untouched. See ``cdlm.decoding.vllm`` for the design. Requests are checked against the
+served model only where ``cdlm serve`` or ``load_vllm`` described it (``served.SERVED_ENV``); under a
+plain ``vllm serve`` the engine-side guard still ends a request that fails, alone.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class ContrastiveLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        # A ValueError here reaches the caller when the request is submitted (HTTP 400 on a server).
-        ContrastiveProcessorCore.validate(sampling_params.extra_args)
+        # Runs in vLLM's API process at admission; a ValueError here reaches the caller (HTTP 400 on a server).
+        ContrastiveProcessorCore.validate(sampling_params.extra_args, sampling_params.max_tokens)
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
         model_config = vllm_config.model_config

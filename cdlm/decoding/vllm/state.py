@@ -61,10 +61,11 @@ class RequestState:
     ``output_ids`` is vLLM's own running list of generated ids for the request (a live reference,
     appended to by vLLM after every step), so the state never copies tokens. ``amateur`` is the
     ``BatchedAmateur`` (or engine early exit) that scores it; ``row`` / ``fed`` / ``last_logits`` are
-    that amateur's bookkeeping.
+    that amateur's bookkeeping. ``failure`` says why the request could not be served (the processor
+    then ends it); ``params`` is ``None`` only for such a request.
     """
 
-    params: ContrastParams
+    params: ContrastParams | None
     prefix: list[int]
     output_ids: list[int]
     amateur: Any = None
@@ -73,6 +74,7 @@ class RequestState:
     next_position: int = 0
     last_logits: torch.Tensor | None = None
     steps: int = field(default=0)
+    failure: str | None = None
 
     def context_length(self) -> int:
         return len(self.prefix) + len(self.output_ids)

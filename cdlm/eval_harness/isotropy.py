@@ -102,14 +102,14 @@ class IsotropyReport:
         return "\n".join(lines)
 
 
-def default_texts(limit: int = DEFAULT_TEXTS) -> list[str]:
-    """The shipped human-written texts described in the module docstring."""
-    from cdlm.eval_harness.data import load_rows
+def default_texts(rows: Iterable[dict], limit: int = DEFAULT_TEXTS) -> list[str]:
+    """The human-written texts described in the module docstring, from HellaSwag ``rows``.
 
+    The caller reads the rows (``cdlm isotropy``: the packaged validation split, ``eval_harness.data``).
+    """
     if limit < 1:
         raise ValueError(f"the number of texts must be >= 1, got {limit}")
-    rows, _ = load_rows(None, "hellaswag/validation")
-    texts = []
+    texts: list[str] = []
     for row in rows:
         text = f"{row['ctx'].strip()} {row['endings'][int(row['label'])].strip()}"
         if len(text) >= MIN_CHARACTERS:
@@ -224,7 +224,7 @@ def reports_payload(reports: list[IsotropyReport]) -> dict:
     """The JSON written by ``cdlm isotropy --output``: the definition, then one report per model."""
     return {
         "measure": "per layer: mean over texts of the mean cosine similarity between distinct token "
-        "representations within the text (Su & Collier 2022 self-similarity); see cdlm/models/isotropy.py",
+        "representations within the text (Su & Collier 2022 self-similarity); see cdlm/eval_harness/isotropy.py",
         "reports": [report.to_dict() for report in reports],
     }
 

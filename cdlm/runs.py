@@ -1,9 +1,11 @@
-"""Run folders: per-example JSONL appended as examples finish, atomic results JSON, resume checks.
+"""Run folders shared by every resumable command (eval, CHES scoring): atomic writes, per-example JSONL, resume.
 
 A run folder holds ``run.json`` (the configuration signature), ``samples.jsonl`` (one record per
 finished example, flushed after every batch) and, at the end, ``results.json``. Rerunning the same
 command reads the finished examples back and only computes the rest; a different configuration in
-the same folder is refused rather than silently mixed.
+the same folder is refused rather than silently mixed. Records are written with
+``cdlm.textio.dumps_line`` and read with ``cdlm.textio``'s line reader, so a text holding U+2028,
+U+2029 or U+0085 stays one record. It sits below the eval harness and alignment, which both use it.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from cdlm.textio import dumps_line
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -35,17 +40,58 @@ def atomic_write_json(path: str | Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """This process's rank among ``world_size`` processes sharing a run folder (one process: rank 0 of 1).
+
+    Only barriers and one small broadcast are needed (``torch.distributed``, imported when there are
+    several ranks), so the process group is gloo on CPU and GPU alike.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, chunk_index: int) -> bool:
+        return chunk_index % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast_from_main(self, value):
+        """``value`` as rank 0 has it, on every rank (e.g. the outcome of a check only rank 0 makes)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _jsonl(records: Iterable[dict]) -> str:
+    return "".join(dumps_line(record) + "\n" for record in records)
+
+
 class RunFolder:
-    """``run.json`` + per-example records (+ ``results.json``) of one evaluation; see the module docstring.
+    """``run.json`` + per-example records (+ ``results.json``) of one run; see the module docstring.
 
     With several processes each rank appends to ``samples.rank<R>.jsonl`` and rank 0 merges them into
     ``samples.jsonl`` (``merge``). Records are keyed by example index, so a run resumes from whatever
     files a previous run left, with any number of processes.
     """
 
-    def __init__(self, folder: str | Path, shard=None):
-        from cdlm.eval_harness.distributed import Shard
-
+    def __init__(self, folder: str | Path, shard: Shard | None = None):
         self.folder = Path(folder)
         self.shard = shard or Shard()
         self.samples_path = self.folder / "samples.jsonl"
@@ -63,7 +109,9 @@ class RunFolder:
         return [self.samples_path, *sorted(self.folder.glob("samples.rank*.jsonl"))]
 
     @classmethod
-    def open(cls, folder: str | Path, signature: dict, *, overwrite: bool = False, shard=None) -> "RunFolder":
+    def open(
+        cls, folder: str | Path, signature: dict, *, overwrite: bool = False, shard: Shard | None = None
+    ) -> "RunFolder":
         """Check ``signature`` against the folder's ``run.json`` (refusing a different run, naming what changed)
         and write it for a new run. Rank 0 checks and writes; the other ranks get its verdict."""
         run = cls(folder, shard)
@@ -79,20 +127,26 @@ class RunFolder:
             raise ValueError(error)
         return run
 
+    @classmethod
+    def check(cls, folder: str | Path, signature: dict) -> None:
+        """Refuse (``ValueError`` naming what changed) when ``folder`` holds another run; writes nothing."""
+        from cdlm.run_identity import check_same_run
+
+        path = cls(folder).signature_path
+        if path.exists():
+            check_same_run(
+                json.loads(path.read_text(encoding="utf-8")),
+                json.loads(json.dumps(signature, default=str)),
+                folder=str(folder),
+                restart_hint="use another --output-dir or pass --overwrite",
+            )
+
     def _claim(self, signature: dict, overwrite: bool) -> None:
         if overwrite:
             for path in (*self._sample_files(), self.results_path, self.signature_path):
                 path.unlink(missing_ok=True)
         if self.signature_path.exists():
-            from cdlm.run_identity import check_same_run
-
-            previous = json.loads(self.signature_path.read_text(encoding="utf-8"))
-            check_same_run(
-                previous,
-                signature,
-                folder=str(self.folder),
-                restart_hint="use another --output-dir or pass --overwrite",
-            )
+            self.check(self.folder, signature)
         else:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.signature_path, signature)
@@ -109,37 +163,31 @@ class RunFolder:
         records: dict[int, dict] = {}
         if not path.exists():
             return records
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        good = 0
-        for number, line in enumerate(lines, 1):
-            if not line.endswith("\n"):
-                break
+        data = path.read_bytes()
+        # Lines end at "\n" only (cdlm.textio's rule): a record is torn only when its newline is missing.
+        complete, _, torn = data.rpartition(b"\n")
+        lines = complete.split(b"\n") if complete else []
+        for number, raw in enumerate(lines, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if number == len(lines):  # a torn last line of a killed run
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if number == len(lines) and not torn:  # the last line of a killed run
                     break
-                raise ValueError(
-                    f"{path}: line {number} is not valid JSON; delete the file or pass --overwrite"
-                ) from None
+                raise ValueError(f"{path}:{number} is not a valid JSON record; delete the file or pass --overwrite")
             index = record.get("index") if isinstance(record, dict) else None
             if not isinstance(index, int) or isinstance(index, bool):
                 raise ValueError(
-                    f"{path}: line {number} has no integer 'index' field, so it is not a cdlm samples record; "
+                    f"{path}:{number} has no integer 'index' field, so it is not a cdlm samples record; "
                     "delete the file or pass --overwrite"
                 )
             records[index] = record
-            good += len(line.encode("utf-8"))
-        if repair and good != path.stat().st_size:
-            atomic_write_text(
-                path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records.values())
-            )
+        if repair and (torn or len(records) != len(lines)):
+            atomic_write_text(path, _jsonl(records.values()))
         return records
 
     def append(self, records: Iterable[dict]) -> None:
         with open(self.own_samples_path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(_jsonl(records))
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -148,8 +196,7 @@ class RunFolder:
         records = self.finished()
         rank_files = [p for p in self._sample_files() if p != self.samples_path and p.exists()]
         if rank_files:
-            ordered = "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records))
-            atomic_write_text(self.samples_path, ordered)
+            atomic_write_text(self.samples_path, _jsonl(records[i] for i in sorted(records)))
             for path in rank_files:
                 path.unlink()
         return records
