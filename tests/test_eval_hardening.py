@@ -197,11 +197,19 @@ def test_hellaswag_fewshot_larger_than_the_pool_is_a_clear_error(loaded, tmp_pat
 # --- 15.10: unclear errors -----------------------------------------------------------------------------------
 
 
-def test_hellaswag_label_that_is_not_an_integer_names_file_and_row(loaded, tmp_path):
+def test_hellaswag_label_that_is_not_an_integer_names_file_and_line(loaded, tmp_path):
     data = _write(tmp_path / "hs.jsonl", [HELLASWAG_ROWS[0], dict(HELLASWAG_ROWS[1], label="three")])
-    with pytest.raises(
-        MalformedRowError, match=r"hs\.jsonl: row 1 field 'label' should be an integer label, got 'three'"
-    ):
+    with pytest.raises(MalformedRowError, match=r"hs\.jsonl:2 field 'label' should be an integer label, got 'three'"):
+        evaluate(loaded, _greedy(loaded), EvalConfig(task="hellaswag", data=str(data)), tmp_path / "run", **QUIET)
+
+
+def test_row_errors_name_the_file_line_even_after_blank_lines(loaded, tmp_path):
+    """Messages name the line a user can open, not a 0-based row index (blank lines are skipped by the reader)."""
+    data = tmp_path / "gaps.jsonl"
+    bad = dict(HELLASWAG_ROWS[1])
+    del bad["endings"]
+    data.write_text("\n" + json.dumps(HELLASWAG_ROWS[0]) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(MalformedRowError, match=r"gaps\.jsonl:4 has no field 'endings'"):
         evaluate(loaded, _greedy(loaded), EvalConfig(task="hellaswag", data=str(data)), tmp_path / "run", **QUIET)
 
 

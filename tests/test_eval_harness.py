@@ -283,7 +283,7 @@ def test_cli_malformed_rows(tiny_folder, tmp_path, capsys):
         )
         == 2
     )
-    assert "row 0 has no field 'answer'" in capsys.readouterr().err
+    assert "bad.jsonl:1 has no field 'answer'" in capsys.readouterr().err
 
 
 def test_contrastive_input_scoring_contrasts_with_the_activity_label(loaded, data_files, tmp_path):

@@ -122,7 +122,7 @@ def test_malformed_rows_and_bad_limits_are_named(tmp_path):
     with gzip.open(path, "wt") as handle:
         handle.write(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
     rows = read_jsonl(path)
-    with pytest.raises(MalformedRowError, match=r"row 1 has no field 'answer'"):
+    with pytest.raises(MalformedRowError, match=r"bad\.jsonl\.gz: row 2 has no field 'answer'"):
         validate_rows(rows, gsm8k.FIELDS, str(path))
     (tmp_path / "broken.jsonl").write_text('{"a": 1}\n{oops\n')
     with pytest.raises(MalformedRowError, match=r"broken\.jsonl:2 is not valid JSON"):

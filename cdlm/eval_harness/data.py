@@ -12,9 +12,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from cdlm.textio import MalformedRowError, read_jsonl
+from cdlm.textio import MalformedRowError, read_jsonl, read_jsonl_numbered
 
-__all__ = ["MalformedRowError", "read_jsonl", "load_rows", "validate_rows", "take", "packaged_path"]
+__all__ = [
+    "MalformedRowError",
+    "Rows",
+    "read_jsonl",
+    "load_rows",
+    "row_name",
+    "validate_rows",
+    "take",
+    "packaged_path",
+]
 
 # name -> file inside cdlm/data
 PACKAGED = {
@@ -52,19 +61,39 @@ def load_hub(name: str) -> list[dict]:
     return [dict(row) for row in load_dataset(path, config, split=split)]
 
 
+class Rows(list):
+    """Rows read from a file, remembering the file line each came from, so messages name ``file:LINE``."""
+
+    def __init__(self, numbered: Sequence[tuple[int, dict]], path: str | Path):
+        super().__init__(row for _, row in numbered)
+        self.lines = [number for number, _ in numbered]
+        self.path = str(path)
+
+
+def _read_rows(path: str | Path) -> Rows:
+    return Rows(read_jsonl_numbered(path), path)
+
+
+def row_name(rows: Sequence[dict], index: int, where: str) -> str:
+    """How a message names row ``index``: ``file:LINE`` (what a user can open) when read from a file, else the
+    1-based row of ``where`` (hub rows)."""
+    if isinstance(rows, Rows):
+        return f"{rows.path}:{rows.lines[index]}"
+    return f"{where}: row {index + 1}"
+
+
 def load_rows(source: str | None, default: str) -> tuple[list[dict], str]:
     """Rows from ``source`` (None: the packaged ``default``; ``hub``: the hub copy; else a jsonl path).
 
     Returns the rows and a description of where they came from (for results files).
     """
     if source is None or source == "packaged":
-        path = packaged_path(default)
-        return read_jsonl(path), f"packaged:{PACKAGED[default]}"
+        return _read_rows(packaged_path(default)), f"packaged:{PACKAGED[default]}"
     if source == "hub":
         return load_hub(default), "hub:" + "/".join(str(p) for p in HUB[default] if p)
     if source in PACKAGED:
-        return read_jsonl(packaged_path(source)), f"packaged:{PACKAGED[source]}"
-    return read_jsonl(source), str(Path(source).resolve())
+        return _read_rows(packaged_path(source)), f"packaged:{PACKAGED[source]}"
+    return _read_rows(source), str(Path(source).resolve())
 
 
 def validate_rows(rows: Sequence[dict], fields: Mapping[str, type | tuple[type, ...]], where: str) -> None:
@@ -74,11 +103,14 @@ def validate_rows(rows: Sequence[dict], fields: Mapping[str, type | tuple[type, 
     for index, row in enumerate(rows):
         for field, kind in fields.items():
             if field not in row or row[field] is None:
-                raise MalformedRowError(f"{where}: row {index} has no field {field!r} (fields: {sorted(row)})")
+                raise MalformedRowError(
+                    f"{row_name(rows, index, where)} has no field {field!r} (fields: {sorted(row)})"
+                )
             if not isinstance(row[field], kind):
                 expected = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
                 raise MalformedRowError(
-                    f"{where}: row {index} field {field!r} should be {expected}, got {type(row[field]).__name__}"
+                    f"{row_name(rows, index, where)} field {field!r} should be {expected}, "
+                    f"got {type(row[field]).__name__}"
                 )
 
 

@@ -4,4 +4,4 @@ from cdlm.eval_harness.tasks.hellaswag import process_doc
 
 
 def process_docs(dataset):
-    return dataset.map(lambda row, index: process_doc(row, "cdlm_hellaswag", index), with_indices=True)
+    return dataset.map(lambda row, index: process_doc(row, f"cdlm_hellaswag row {index + 1}"), with_indices=True)

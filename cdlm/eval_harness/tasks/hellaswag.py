@@ -16,7 +16,7 @@ import random
 import re
 from typing import Sequence
 
-from cdlm.eval_harness.data import MalformedRowError, load_rows, take, validate_rows
+from cdlm.eval_harness.data import MalformedRowError, load_rows, row_name, take, validate_rows
 from cdlm.eval_harness.metrics import multiple_choice_predictions
 from cdlm.eval_harness.task import (
     LOGLIKELIHOOD,
@@ -44,19 +44,20 @@ def preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _gold(value, where: str, index: int, field: str) -> int:
+def _gold(value, name: str, field: str) -> int:
     """The label as an int; ``"2"`` is fine (the hub's HellaSwag stores strings), ``"two"`` or ``2.5`` is not."""
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
-        raise MalformedRowError(f"{where}: row {index} field {field!r} should be an integer label, got {value!r}")
+        raise MalformedRowError(f"{name} field {field!r} should be an integer label, got {value!r}")
     return int(value)
 
 
-def process_doc(row: dict, where: str = "<row>", index: int = 0) -> dict:
+def process_doc(row: dict, name: str = "<row>") -> dict:
+    """One raw HellaSwag row as a query/choices/gold doc; ``name`` is how errors name the row."""
     context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
     return {
         "query": preprocess(row["activity_label"] + ": " + context),
         "choices": [preprocess(ending) for ending in row["endings"]],
-        "gold": _gold(row["label"], where, index, "label"),
+        "gold": _gold(row["label"], name, "label"),
     }
 
 
@@ -65,17 +66,22 @@ def process_rows(rows: Sequence[dict], where: str) -> list[dict]:
     if rows and "query" in rows[0]:
         validate_rows(rows, PROCESSED_FIELDS, where)
         docs = [
-            {"query": r["query"], "choices": list(r["choices"]), "gold": _gold(r["gold"], where, i, "gold")}
+            {
+                "query": r["query"],
+                "choices": list(r["choices"]),
+                "gold": _gold(r["gold"], row_name(rows, i, where), "gold"),
+            }
             for i, r in enumerate(rows)
         ]
     else:
         validate_rows(rows, RAW_FIELDS, where)
-        docs = [process_doc(r, where, i) for i, r in enumerate(rows)]
+        docs = [process_doc(r, row_name(rows, i, where)) for i, r in enumerate(rows)]
     for index, doc in enumerate(docs):
+        name = row_name(rows, index, where)
         if len(doc["choices"]) < 2 or not all(isinstance(c, str) for c in doc["choices"]):
-            raise MalformedRowError(f"{where}: row {index} needs at least 2 string endings")
+            raise MalformedRowError(f"{name} needs at least 2 string endings")
         if not 0 <= doc["gold"] < len(doc["choices"]):
-            raise MalformedRowError(f"{where}: row {index} label {doc['gold']} is not in 0..{len(doc['choices']) - 1}")
+            raise MalformedRowError(f"{name} label {doc['gold']} is not in 0..{len(doc['choices']) - 1}")
     return docs
 
 
