@@ -51,6 +51,24 @@ def requested_sharding() -> str | None:
     return None
 
 
+def sharding_problem(sharding: str | None) -> str | None:
+    """Why a launch with ``sharding`` (``"DeepSpeed"``, ``"FSDP"`` or None) cannot run here, or None.
+
+    One rule for the trainers (checked on start, before any work) and ``cdlm doctor`` (checked before
+    ``accelerate launch``, whose own failure is a traceback from inside its launcher).
+    """
+    import importlib.util
+
+    if sharding == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
+        return (
+            "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed "
+            "(it needs CUDA GPUs); on CPUs launch with torchrun --nproc_per_node N instead"
+        )
+    if sharding in ("DeepSpeed", "FSDP") and not _has_accelerator():
+        return f"the accelerate config asks for {sharding}, which needs GPUs: on CPUs use torchrun --nproc_per_node N"
+    return None
+
+
 def is_cpu_launch() -> bool:
     """True for a plain multi-process launch (no FSDP/DeepSpeed config) on a machine without an accelerator."""
     return launched_processes() > 1 and not _has_accelerator() and requested_sharding() is None

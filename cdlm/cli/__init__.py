@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "cdlm.cli.data_cmd",
     "cdlm.cli.isotropy_cmd",
     "cdlm.cli.serve_cmd",
+    "cdlm.cli.doctor_cmd",
 ]
 
 

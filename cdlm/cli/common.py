@@ -111,7 +111,7 @@ def default_threads(environ=None) -> tuple[int, str]:
             count = min(count, max(1, int(quota) // int(period)))
     except (OSError, ValueError):
         pass
-    return count, f"default: {count} physical cores (--threads to change)"
+    return count, f"default: {count} physical cores"
 
 
 def set_torch_threads(threads: int | None) -> None:

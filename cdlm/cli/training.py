@@ -188,15 +188,13 @@ def _check_budget(config: dict[str, Any]) -> None:
 
 
 def _check_deepspeed() -> None:
-    """``accelerate launch`` with a DeepSpeed config needs the deepspeed package: say so before any work."""
-    from cdlm.alignment.parallel import requested_sharding
+    """``accelerate launch`` with a DeepSpeed/FSDP config this machine cannot run: say so before any work."""
+    from cdlm.alignment.parallel import requested_sharding, sharding_problem
     from cdlm.errors import MissingDependencyError
 
-    if requested_sharding() == "DeepSpeed" and importlib.util.find_spec("deepspeed") is None:
-        raise MissingDependencyError(
-            "the accelerate config asks for DeepSpeed, which is not installed: pip install deepspeed "
-            "(it needs CUDA GPUs); on CPUs launch with torchrun --nproc_per_node N instead"
-        )
+    problem = sharding_problem(requested_sharding())
+    if problem:
+        raise MissingDependencyError(problem)
 
 
 def _check_integrations(config: dict[str, Any]) -> None:
