@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from cdlm.alignment.rl.problems import arithmetic_problems
     from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
     from cdlm.alignment.rl.rollout import render_prompts, sample_responses
-    from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+    from cdlm.alignment.rl.trainer import ContrastivePPOConfig, ContrastivePPOTrainer
     from cdlm.models import load_model
 
     def log(message: str) -> None:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         policy, tokenizer = load_model(args.model)
         torch.manual_seed(args.seed)  # identical LoRA initialisation for both runs
         run_reward = ContrastiveReward(reward, cache) if name == "contrastive" else reward
-        config = PPOConfig(
+        config = ContrastivePPOConfig(
             output_dir=str(work / name),
             num_iterations=args.iterations,
             rollout_batch_size=args.rollout_batch_size,
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             save()
 
-        trainer = PPOTrainer(policy, config, tokenizer, run_reward, train_rows, peft_config=lora, callbacks=[on_step])
+        trainer = ContrastivePPOTrainer(
+            policy, config, tokenizer, run_reward, train_rows, peft_config=lora, callbacks=[on_step]
+        )
         t0 = time.perf_counter()
         trainer.train()
         scores = held_out(trainer.model, tokenizer)

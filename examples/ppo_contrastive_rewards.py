@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig
 
-from cdlm.alignment import BaselineSettings, ContrastiveReward, GSM8KReward, PPOConfig, PPOTrainer, generate_baselines
+from cdlm.alignment import (
+    BaselineSettings,
+    ContrastivePPOConfig,
+    ContrastivePPOTrainer,
+    ContrastiveReward,
+    GSM8KReward,
+    generate_baselines,
+)
 from cdlm.alignment.rl.problems import arithmetic_problems
 from cdlm.models import load_model
 
@@ -39,7 +46,7 @@ cache = generate_baselines(
 )
 contrastive = ContrastiveReward(reward, cache, aggregate="mean")
 
-config = PPOConfig(
+config = ContrastivePPOConfig(
     output_dir="runs/examples/ppo",
     num_iterations=3,
     rollout_batch_size=4,
@@ -49,7 +56,7 @@ config = PPOConfig(
     kl_coef=0.05,
 )
 lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-trainer = PPOTrainer(model, config, tokenizer, contrastive, train, peft_config=lora)
+trainer = ContrastivePPOTrainer(model, config, tokenizer, contrastive, train, peft_config=lora)
 for record in trainer.train():
     print(
         f"iteration {int(record['step'])}: reward {record['reward_raw']:.2f}, "

@@ -17,7 +17,7 @@ from cdlm.alignment.preference.config import CHANGED_TRL_DEFAULTS, PreferenceCon
 from cdlm.alignment.preference.data import load_preference_dataset
 from cdlm.alignment.rl.baselines import BaselineSettings, LazyBaselines, generate_baselines
 from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward, reward_identity
-from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+from cdlm.alignment.rl.trainer import ContrastivePPOConfig, ContrastivePPOTrainer
 from cdlm.cli import main
 from cdlm.textio import MalformedRowError
 
@@ -102,7 +102,7 @@ def test_library_configs_refuse_non_finite_values(tmp_path):
     with pytest.raises(ValueError, match="cpo_alpha must be a finite number"):
         PreferenceConfig(output_dir=str(tmp_path), method="cpo", cpo_alpha=float("nan"))
     with pytest.raises(ValueError, match="learning_rate must be a finite number"):
-        PPOConfig(output_dir=str(tmp_path), learning_rate=float("inf"))
+        ContrastivePPOConfig(output_dir=str(tmp_path), learning_rate=float("inf"))
 
 
 def test_non_finite_weights_or_loss_stop_training():
@@ -340,7 +340,7 @@ def test_ppo_samples_baselines_only_for_the_prompts_it_uses(tmp_path):
     settings = BaselineSettings(k=2, max_new_tokens=3, seed=0, reward="count")
     path = tmp_path / "baselines.jsonl"
     lazy = LazyBaselines(tokenizer, count_reward, path, settings, batch_size=4)
-    config = PPOConfig(
+    config = ContrastivePPOConfig(
         output_dir=str(tmp_path / "ppo"),
         num_iterations=1,
         rollout_batch_size=2,
@@ -349,7 +349,7 @@ def test_ppo_samples_baselines_only_for_the_prompts_it_uses(tmp_path):
         max_new_tokens=3,
     )
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])
-    trainer = PPOTrainer(
+    trainer = ContrastivePPOTrainer(
         testing.tiny_llama(0), config, tokenizer, ContrastiveReward(count_reward, lazy), rows, peft_config=lora
     )
     trainer.train()
@@ -368,10 +368,10 @@ def test_ppo_samples_baselines_only_for_the_prompts_it_uses(tmp_path):
 
 def test_ppo_checkpoints_load_with_weights_only(tmp_path, monkeypatch):
     tokenizer = testing.tiny_tokenizer()
-    config = PPOConfig(
+    config = ContrastivePPOConfig(
         output_dir=str(tmp_path), num_iterations=1, rollout_batch_size=2, mini_batch_size=2, max_new_tokens=2
     )
-    trainer = PPOTrainer(
+    trainer = ContrastivePPOTrainer(
         testing.tiny_llama(0), config, tokenizer, lambda p, c, **k: [0.0] * len(c), ["a", "b"],
         peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]),
     )  # fmt: skip

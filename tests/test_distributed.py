@@ -184,10 +184,10 @@ def _letter_reward(prompts, completions, **kwargs):
 
 def _ppo_trainer(out: Path, name: str, iterations: int, save_steps: int = 1):
     from cdlm import testing
-    from cdlm.alignment.rl.config import PPOConfig
-    from cdlm.alignment.rl.trainer import PPOTrainer
+    from cdlm.alignment.rl.config import ContrastivePPOConfig
+    from cdlm.alignment.rl.trainer import ContrastivePPOTrainer
 
-    config = PPOConfig(
+    config = ContrastivePPOConfig(
         output_dir=str(out / name),
         num_iterations=iterations,
         rollout_batch_size=4,
@@ -201,7 +201,7 @@ def _ppo_trainer(out: Path, name: str, iterations: int, save_steps: int = 1):
         seed=0,
         save_steps=save_steps,
     )
-    return PPOTrainer(
+    return ContrastivePPOTrainer(
         testing.tiny_llama(0), config, testing.tiny_tokenizer(), _letter_reward, PPO_PROMPTS, peft_config=_lora()
     )
 

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from cdlm.alignment.rl.baselines import BaselineSettings, generate_baselines
 from cdlm.alignment.rl.problems import arithmetic_problems
 from cdlm.alignment.rl.rewards import ContrastiveReward, GSM8KReward
-from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+from cdlm.alignment.rl.trainer import ContrastivePPOConfig, ContrastivePPOTrainer
 from cdlm.models.registry import get_registered
 
 pytestmark = pytest.mark.real_model
@@ -45,7 +45,7 @@ def test_contrastive_ppo_iteration_on_smollm2(fresh_smollm2, tmp_path):
         batch_size=4,
     )
     assert len(cache) == 2
-    config = PPOConfig(
+    config = ContrastivePPOConfig(
         output_dir=str(tmp_path / "ppo"),
         num_iterations=1,
         rollout_batch_size=2,
@@ -55,7 +55,7 @@ def test_contrastive_ppo_iteration_on_smollm2(fresh_smollm2, tmp_path):
         learning_rate=1e-4,
     )
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    trainer = PPOTrainer(model, config, tokenizer, ContrastiveReward(reward, cache), rows, peft_config=lora)
+    trainer = ContrastivePPOTrainer(model, config, tokenizer, ContrastiveReward(reward, cache), rows, peft_config=lora)
     record = trainer.train()[0]
     assert all(math.isfinite(v) for v in record.values())
     assert record["kl"] == 0.0  # first rollout: LoRA B = 0, policy == reference

@@ -1,4 +1,4 @@
-"""PPOTrainer on a tiny Llama: log-probs under left padding, reference = adapter off, updates, resume."""
+"""ContrastivePPOTrainer on a tiny Llama: log-probs under left padding, reference = adapter off, updates, resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from peft import LoraConfig
 
 from cdlm.alignment.rl.rewards import ContrastiveReward
 from cdlm.alignment.rl.rollout import render_prompts, response_mask, sample_responses
-from cdlm.alignment.rl.trainer import PPOConfig, PPOTrainer
+from cdlm.alignment.rl.trainer import ContrastivePPOConfig, ContrastivePPOTrainer
 from cdlm.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,7 +24,7 @@ def letter_reward(prompts, completions, **kwargs):
     return [c.count("e") / 4.0 for c in completions]
 
 
-def make_trainer(tmp_path, reward=letter_reward, **overrides) -> PPOTrainer:
+def make_trainer(tmp_path, reward=letter_reward, **overrides) -> ContrastivePPOTrainer:
     settings = dict(
         output_dir=str(tmp_path / "ppo"),
         num_iterations=2,
@@ -40,7 +40,9 @@ def make_trainer(tmp_path, reward=letter_reward, **overrides) -> PPOTrainer:
     settings.update(overrides)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     torch.manual_seed(0)
-    return PPOTrainer(tiny_llama(0), PPOConfig(**settings), tiny_tokenizer(), reward, PROMPTS, peft_config=lora)
+    return ContrastivePPOTrainer(
+        tiny_llama(0), ContrastivePPOConfig(**settings), tiny_tokenizer(), reward, PROMPTS, peft_config=lora
+    )
 
 
 def test_response_mask_keeps_first_eos_only():
@@ -118,13 +120,13 @@ def test_contrastive_reward_in_ppo_logs_raw_and_contrastive_scores(tmp_path):
 
 def test_config_and_input_errors(tmp_path):
     with pytest.raises(ValueError, match="multiple of mini_batch_size"):
-        PPOConfig(rollout_batch_size=6, mini_batch_size=4)
+        ContrastivePPOConfig(rollout_batch_size=6, mini_batch_size=4)
     with pytest.raises(ValueError, match="kl_estimator"):
-        PPOConfig(kl_estimator="k9")
+        ContrastivePPOConfig(kl_estimator="k9")
     with pytest.raises(ValueError, match="reward function"):
-        PPOTrainer(tiny_llama(0), PPOConfig(), tiny_tokenizer(), None, PROMPTS)
+        ContrastivePPOTrainer(tiny_llama(0), ContrastivePPOConfig(), tiny_tokenizer(), None, PROMPTS)
     with pytest.raises(ValueError, match="at least one prompt"):
-        PPOTrainer(tiny_llama(0), PPOConfig(), tiny_tokenizer(), letter_reward, [])
+        ContrastivePPOTrainer(tiny_llama(0), ContrastivePPOConfig(), tiny_tokenizer(), letter_reward, [])
     trainer = make_trainer(tmp_path, reward=lambda prompts, completions, **kw: [float("nan")] * len(completions))
     with pytest.raises(ValueError, match="NaN"):
         trainer.rollout_step()
@@ -160,14 +162,14 @@ def test_ppo_config_is_training_arguments_with_help():
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    own = [f for f in fields(PPOConfig) if f.name not in {g.name for g in fields(TrainingArguments)}]
+    own = [f for f in fields(ContrastivePPOConfig) if f.name not in {g.name for g in fields(TrainingArguments)}]
     assert own and all(f.metadata.get("help") for f in own), [f.name for f in own if not f.metadata.get("help")]
-    (config,) = HfArgumentParser(PPOConfig).parse_args_into_dataclasses(
+    (config,) = HfArgumentParser(ContrastivePPOConfig).parse_args_into_dataclasses(
         ["--num_iterations", "3", "--gradient_accumulation_steps", "2", "--kl_estimator", "k3", "--report_to", "none"]
     )
     assert (config.num_iterations, config.gradient_accumulation_steps, config.kl_estimator) == (3, 2, "k3")
     assert (config.learning_rate, config.seed, config.save_steps, config.logging_steps) == (5e-5, 0, 0, 1)
     with pytest.raises(ValueError, match="multiple of processes x"):
-        PPOConfig(mini_batch_size=4, gradient_accumulation_steps=3).check_processes(1)
+        ContrastivePPOConfig(mini_batch_size=4, gradient_accumulation_steps=3).check_processes(1)
     with pytest.raises(ValueError, match="number of processes"):
-        PPOConfig(rollout_batch_size=8, mini_batch_size=4).check_processes(3)
+        ContrastivePPOConfig(rollout_batch_size=8, mini_batch_size=4).check_processes(3)

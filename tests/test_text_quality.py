@@ -71,10 +71,10 @@ def test_mauve_separates_same_distribution_from_shifted_one_and_is_deterministic
         tq.mauve_score(p, p[:, :4])
 
 
-def test_continuation_nll_batched_equals_one_sequence_at_a_time(tiny_llama, tiny_tokenizer):
+def test_document_nll_batched_equals_one_sequence_at_a_time(tiny_llama, tiny_tokenizer):
     prompts = ["The quick brown fox", "A", "Contrastive decoding compares two models"]
     continuations = [" jumps over the lazy dog.", "", " and the amateur"]
-    batched = tq.continuation_nll(tiny_llama, tiny_tokenizer, prompts, continuations, batch_size=3)
+    batched = tq.score_documents(tiny_llama, tiny_tokenizer, prompts, continuations, batch_size=3).nll
     assert batched[1] == (0.0, 0)
     for (nll, count), prompt, continuation in zip(batched, prompts, continuations):
         if not continuation:

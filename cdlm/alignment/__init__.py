@@ -3,7 +3,8 @@
 - :mod:`cdlm.alignment.preference`: DPO, APO-zero, APO-down, CPO, SparsePO
   (``PreferenceConfig`` + ``PreferenceTrainer``).
 - :mod:`cdlm.alignment.distill`: DistiLLM-2 contrastive distillation (``DistiLLM2Config`` + ``DistiLLM2Trainer``).
-- :mod:`cdlm.alignment.rl`: PPO with contrastive rewards (``PPOConfig`` + ``PPOTrainer``) and reward functions.
+- :mod:`cdlm.alignment.rl`: PPO with contrastive rewards (``ContrastivePPOConfig`` + ``ContrastivePPOTrainer``)
+  and reward functions.
 
 Model-side pieces all three share (EOS ids, prompt rendering, the LM head) live in :mod:`cdlm.models`.
 Every public name below is importable from here; its module is imported on first use, so PPO users
@@ -23,7 +24,6 @@ _EXPORTS = {
     "validate_preference_dataset": "cdlm.alignment.preference.data",
     "with_explicit_prompt": "cdlm.alignment.preference.data",
     "CHESSettings": "cdlm.alignment.preference.ches",
-    "score_ches": "cdlm.alignment.preference.ches:score_pairs",
     "DisplacementCallback": "cdlm.alignment.preference.displacement",
     # DistiLLM-2
     "DistiLLM2Config": "cdlm.alignment.distill.config",
@@ -33,9 +33,8 @@ _EXPORTS = {
     "SamplingSettings": "cdlm.alignment.distill.pairs",
     "generate_pairs": "cdlm.alignment.distill.pairs",
     # RL
-    "PPOConfig": "cdlm.alignment.rl.config",
     "ContrastivePPOConfig": "cdlm.alignment.rl.config",
-    "PPOTrainer": "cdlm.alignment.rl.trainer",
+    "ContrastivePPOTrainer": "cdlm.alignment.rl.trainer",
     "BaselineCache": "cdlm.alignment.rl.baselines",
     "BaselineSettings": "cdlm.alignment.rl.baselines",
     "LazyBaselines": "cdlm.alignment.rl.baselines",

@@ -6,7 +6,7 @@ Prompts come from --prompts-file (JSON lines with a "prompt" field and any colum
 e.g. "answer") or, by default, from synthetic arithmetic problems. With --contrastive-k K the offline
 baseline step samples K responses per prompt from the initial policy when an iteration first uses the
 prompt (cached in --baseline-cache with the reward and answers that scored them; resumable) and PPO is
-trained on r - mean(baseline rewards). Settings: PPOConfig defaults < --config
+trained on r - mean(baseline rewards). Settings: ContrastivePPOConfig defaults < --config
 YAML < flags; rerunning into the same --output-dir resumes after checking the settings.
 """
 
@@ -61,7 +61,7 @@ class RewardArguments:
 
 COMMAND = TrainingCommand(
     name="rl",
-    config_class="cdlm.alignment.rl.config:PPOConfig",
+    config_class="cdlm.alignment.rl.config:ContrastivePPOConfig",
     data_class=RewardArguments,
     # PPO's budget is num_iterations and its batches are rollout_batch_size / mini_batch_size; it keeps a
     # constant learning rate.
@@ -111,7 +111,7 @@ def _read_rows(data: RewardArguments, seed: int) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from cdlm.alignment.rl.baselines import BaselineSettings, LazyBaselines
     from cdlm.alignment.rl.rewards import ContrastiveReward, load_reward, reward_identity
-    from cdlm.alignment.rl.trainer import PPOTrainer
+    from cdlm.alignment.rl.trainer import ContrastivePPOTrainer
     from cdlm.run_identity import rows_fingerprint, weights_fingerprint
 
     # Everything cheap is validated before the model is loaded or anything is written.
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             f"kl {record['kl']:.3f} entropy {record['policy/entropy']:.2f} ({record['seconds']:.0f}s)"
         )
 
-    trainer = PPOTrainer(
+    trainer = ContrastivePPOTrainer(
         loaded.model,
         config,
         loaded.tokenizer,

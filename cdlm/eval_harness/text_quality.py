@@ -213,10 +213,3 @@ def score_documents(
             nll.append((float(picked[start_of_row : start_of_row + len(target)].sum()), len(target)))
             start_of_row += len(target)
     return DocumentScores(torch.cat(features) if features else torch.empty(0), nll)
-
-
-def continuation_nll(
-    model: torch.nn.Module, tokenizer, prompts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8
-) -> list[tuple[float, int]]:
-    """(sum of -log p(token | prompt, earlier tokens), number of tokens) of each continuation under ``model``."""
-    return score_documents(model, tokenizer, prompts, continuations, batch_size=batch_size).nll

@@ -114,22 +114,11 @@ def token_divergence(name: str, teacher_logits: Tensor, student_logits: Tensor, 
     raise ValueError(f"unknown divergence {name!r}; choose one of {DIVERGENCES}")
 
 
-def masked_sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is set, one value per sequence (row)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
-
-
 def distillm2_objective(skl_teacher_responses: Tensor, srkl_student_responses: Tensor, beta: float) -> Tensor:
     """(1 - beta) * SKL on teacher responses + beta * SRKL on student responses (any matching shapes)."""
     if not 0.0 <= float(beta) <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
     return (1.0 - beta) * skl_teacher_responses + beta * srkl_student_responses
-
-
-def cald_objective(skl_teacher_responses: Tensor, srkl_student_responses: Tensor) -> Tensor:
-    """Contrastive approach for LLM distillation: 1/2 [SKL(y_teacher) + SRKL(y_student)]."""
-    return distillm2_objective(skl_teacher_responses, srkl_student_responses, 0.5)
 
 
 # --------------------------------------------------------------------------------------------------

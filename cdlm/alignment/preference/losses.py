@@ -27,59 +27,6 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be > 0, got {beta}")
 
 
-def dpo_sigmoid_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    r"""DPO (Rafailov et al., 2023), per pair: :math:`-\log\sigma(r_w - r_l)`.
-
-    :math:`r_w - r_l = \beta[(\log\pi-\log\pi_{\mathrm{ref}})(y_w) - (\log\pi-\log\pi_{\mathrm{ref}})(y_l)]`.
-    """
-    _check_beta(beta)
-    delta = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * delta)
-
-
-def apo_zero_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    r"""APO-zero (D'Oosterlinck et al., 2024, eq. 7), per pair: :math:`-\sigma(r_w) + \sigma(r_l)` (+1 offset).
-
-    Pushes the chosen likelihood up and the rejected one down independently: use it when the chosen replies are
-    better than what the model already says. TRL writes it as :math:`(1-\sigma(r_w)) + \sigma(r_l)`; the constant
-    1 has no gradient and is kept here so values match TRL exactly.
-    """
-    _check_beta(beta)
-    r_w = beta * (policy_chosen_logps - ref_chosen_logps)
-    r_l = beta * (policy_rejected_logps - ref_rejected_logps)
-    return (1 - torch.sigmoid(r_w)) + torch.sigmoid(r_l)
-
-
-def apo_down_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    r"""APO-down (eq. 8), per pair: :math:`\sigma(r_w) - \sigma(r_w - r_l)` (+1 offset, as in TRL).
-
-    Lowers both likelihoods, the rejected one more: use it when even the chosen replies are worse than the model's
-    own outputs.
-    """
-    _check_beta(beta)
-    r_w = beta * (policy_chosen_logps - ref_chosen_logps)
-    r_l = beta * (policy_rejected_logps - ref_rejected_logps)
-    return torch.sigmoid(r_w) + (1 - torch.sigmoid(r_w - r_l))
-
-
 def chosen_nll(
     chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor, num_tokens: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -117,15 +64,6 @@ def cpo_loss(
     z = beta * (policy_chosen_logps - policy_rejected_logps)
     per_pair = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return per_pair.mean() + alpha * nll, per_pair
-
-
-def token_kl_from_logits(ref_logits: torch.Tensor, policy_logits: torch.Tensor) -> torch.Tensor:
-    r"""Per-position :math:`\mathrm{KL}(\pi_{\mathrm{ref}}\,\|\,\pi)
-    =\sum_v p_{\mathrm{ref}}(v)(\log p_{\mathrm{ref}}(v)-\log p(v))`
-    over the last (vocabulary) dimension."""
-    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
-    policy_logp = F.log_softmax(policy_logits.float(), dim=-1)
-    return (ref_logp.exp() * (ref_logp - policy_logp)).sum(-1)
 
 
 @dataclass

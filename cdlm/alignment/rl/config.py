@@ -1,10 +1,10 @@
-"""``PPOConfig``: the training arguments of :class:`~cdlm.alignment.rl.trainer.PPOTrainer`.
+"""``ContrastivePPOConfig``: the training arguments of :class:`~cdlm.alignment.rl.trainer.ContrastivePPOTrainer`.
 
 A ``transformers.TrainingArguments`` subclass, like TRL's configs, so the ``TrainingArguments`` fields
 mean what they mean everywhere else (``output_dir``, ``learning_rate``, ``max_grad_norm``, ``seed``,
 ``bf16``, ``gradient_accumulation_steps``, ``logging_steps``, ``report_to``, ``save_steps``,
 ``save_total_limit``, ``resume_from_checkpoint``) and ``HfArgumentParser`` builds ``cdlm rl`` from it.
-PPO's own fields follow the old TRL ``PPOConfig`` names where one existed.
+PPO's own fields follow the old TRL ``ContrastivePPOConfig`` names where one existed.
 
 Batch sizes are *global* (summed over processes), so a run gives the same result on any number of
 processes: ``rollout_batch_size`` prompts are sampled per iteration (each process samples its
@@ -25,8 +25,11 @@ from cdlm.alignment.settings import check_values
 
 
 @dataclass
-class PPOConfig(TrainingArguments):
-    """Hyperparameters of :class:`~cdlm.alignment.rl.trainer.PPOTrainer` (all ``TrainingArguments`` fields apply)."""
+class ContrastivePPOConfig(TrainingArguments):
+    """Hyperparameters of :class:`~cdlm.alignment.rl.trainer.ContrastivePPOTrainer` (``TrainingArguments`` apply).
+
+    Named apart from TRL's own PPO classes so that both can be imported side by side.
+    """
 
     output_dir: str | None = field(
         default="ppo-output", metadata={"help": "Folder for checkpoints and the final adapter."}
@@ -106,7 +109,3 @@ class PPOConfig(TrainingArguments):
                 "gradient_accumulation_steps "
                 f"({num_processes} x {self.gradient_accumulation_steps})"
             )
-
-
-# The Shen et al. (2024) setting is plain PPO with a ContrastiveReward; the alias names it.
-ContrastivePPOConfig = PPOConfig

@@ -167,38 +167,3 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the categorical distribution at each position, ``logsumexp(z) - sum softmax(z) z``."""
     probabilities = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
-
-
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
-    """GRPO advantages as TRL 1.16 computes them: ``(r - group mean) / (std + 1e-4)``.
-
-    ``rewards`` is flat, ``group_size`` consecutive completions per prompt. ``scale_rewards`` is
-    ``"group"`` (per-group std), ``"batch"`` (global std) or ``"none"``.
-    """
-    grouped = _grouped(rewards, group_size)
-    mean = grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1)
-    advantages = rewards - mean
-    if scale_rewards == "group":
-        std = grouped.std(dim=1, keepdim=True).expand_as(grouped).reshape(-1)
-    elif scale_rewards == "batch":
-        std = rewards.std().expand_as(rewards)
-    elif scale_rewards == "none":
-        return advantages
-    else:
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
-    return advantages / (std + 1e-4)
-
-
-def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO advantages as in TRL 1.16: ``r_i - mean_{j != i} r_j`` within each prompt's group."""
-    if group_size < 2:
-        raise ValueError("RLOO needs at least two completions per prompt (group_size >= 2)")
-    grouped = _grouped(rewards, group_size)
-    baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baselines).reshape(-1)
-
-
-def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
-    return rewards.reshape(-1, group_size)

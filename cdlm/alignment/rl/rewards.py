@@ -3,7 +3,7 @@
 
 Every reward here has TRL's reward-function signature, ``reward(prompts, completions, **kwargs) ->
 list[float]`` (extra dataset columns such as ``answer`` arrive as keyword lists), so each one works
-both with :class:`cdlm.alignment.rl.trainer.PPOTrainer` and as a ``reward_funcs`` entry of TRL's
+both with :class:`cdlm.alignment.rl.trainer.ContrastivePPOTrainer` and as a ``reward_funcs`` entry of TRL's
 ``GRPOTrainer``/``RLOOTrainer``.
 
 Contrastive rewards: ``r_CR(x, y) = r(x, y) - agg_i r(x, y_i)`` where ``y_1..y_k`` are responses
@@ -241,7 +241,8 @@ class ContrastiveReward:
 
     ``baselines`` maps a prompt's text to the rewards of its ``k`` offline baseline responses: a
     :class:`cdlm.alignment.rl.baselines.BaselineCache`, a :class:`~cdlm.alignment.rl.baselines.LazyBaselines`
-    (which :class:`~cdlm.alignment.rl.trainer.PPOTrainer` fills for each iteration's prompts) or any mapping.
+    (which :class:`~cdlm.alignment.rl.trainer.ContrastivePPOTrainer` fills for each iteration's prompts) or any
+    mapping.
     ``aggregate`` is ``"mean"`` (the paper's choice), ``"median"`` or ``"max"`` (compare against the best
     baseline). With
     ``normalize=True`` the contrastive rewards are divided by the running standard deviation of all
@@ -290,7 +291,7 @@ class ContrastiveReward:
             warnings.warn(
                 f"ContrastiveReward has no effect with {where}: the per-prompt baseline is a constant that the group "
                 "mean / leave-one-out baseline of the advantage cancels exactly. "
-                "Use it with PPOTrainer (learned critic).",
+                "Use it with ContrastivePPOTrainer (learned critic).",
                 UserWarning,
                 stacklevel=3,
             )

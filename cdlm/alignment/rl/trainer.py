@@ -1,4 +1,4 @@
-"""PPO for causal LMs with LoRA, from transformers/PEFT/accelerate pieces (TRL 1.16 no longer ships a PPOTrainer).
+"""PPO for causal LMs with LoRA, from transformers/PEFT/accelerate pieces (TRL 1.16 no longer ships a PPO trainer).
 
 One iteration: sample one response per prompt with ``generate`` -> score with the reward function
 (e.g. a :class:`~cdlm.alignment.rl.rewards.ContrastiveReward`) -> per-token rewards ``-kl_coef * KL``
@@ -47,12 +47,12 @@ from cdlm.alignment.callbacks import StopOnNonFinite
 from cdlm.alignment.checkpoints import checkpoints, last_complete_checkpoint
 from cdlm.alignment.parallel import check_launch
 from cdlm.alignment.rl import core
-from cdlm.alignment.rl.config import ContrastivePPOConfig, PPOConfig
+from cdlm.alignment.rl.config import ContrastivePPOConfig
 from cdlm.alignment.rl.rewards import ContrastiveReward, RewardFunction, check_rewards
 from cdlm.alignment.rl.rollout import Rollout, prompt_text, render_prompts, sample_responses
 from cdlm.alignment.settings import without_secrets
 
-__all__ = ["ContrastivePPOConfig", "PPOConfig", "PPOTrainer", "ValueHead"]
+__all__ = ["ContrastivePPOConfig", "ContrastivePPOTrainer", "ValueHead"]
 
 
 class ValueHead(nn.Module):
@@ -122,7 +122,7 @@ def _row_seed(seed: int, step: int, row: int) -> int:
     return (seed * 1_000_003 + step) * 100_003 + row
 
 
-class PPOTrainer:
+class ContrastivePPOTrainer:
     """PPO with a LoRA policy, a value head and an adapter-disabled reference.
 
     Args:
@@ -130,7 +130,7 @@ class PPOTrainer:
             head train; the reference is the same model with the adapter disabled). A model that is
             already a ``PeftModel`` is used as is. Without PEFT the whole model trains and a frozen
             deep copy is the reference.
-        args: :class:`~cdlm.alignment.rl.config.PPOConfig`.
+        args: :class:`~cdlm.alignment.rl.config.ContrastivePPOConfig`.
         processing_class: the tokenizer (left padding, pad token set).
         reward_funcs: a reward callable ``(prompts, completions, **columns) -> list[float]``. Each
             process scores its own share of the responses, so a reward must not depend on which
@@ -145,17 +145,17 @@ class PPOTrainer:
     def __init__(
         self,
         model: nn.Module,
-        args: PPOConfig,
+        args: ContrastivePPOConfig,
         processing_class,
         reward_funcs: RewardFunction,
         train_dataset: Sequence[Any],
         peft_config=None,
         callbacks: Sequence[TrainerCallback | Callable[[dict[str, float]], None]] = (),
     ):
-        if not isinstance(args, PPOConfig):
-            raise TypeError(f"args must be a PPOConfig, got {type(args).__name__}")
+        if not isinstance(args, ContrastivePPOConfig):
+            raise TypeError(f"args must be a ContrastivePPOConfig, got {type(args).__name__}")
         if reward_funcs is None:
-            raise ValueError("PPOTrainer needs a reward function or reward model (reward_funcs)")
+            raise ValueError("ContrastivePPOTrainer needs a reward function or reward model (reward_funcs)")
         if isinstance(reward_funcs, nn.Module):
             raise ValueError(
                 "wrap a reward model in cdlm.alignment.rl.rewards.SequenceClassificationReward(model, tokenizer)"
@@ -177,8 +177,9 @@ class PPOTrainer:
             DistributedType.MULTI_MUSA,
         ):
             raise ValueError(
-                f"PPOTrainer runs data-parallel (DDP) only, not {self.accelerator.distributed_type.value}: rollouts "
-                "generate with the full policy in every process. Launch with torchrun or a plain accelerate config."
+                f"ContrastivePPOTrainer runs data-parallel (DDP) only, not {self.accelerator.distributed_type.value}: "
+                "rollouts generate with the full policy in every process. Launch with torchrun or a plain accelerate "
+                "config."
             )
         check_launch(self.accelerator)
         args.check_processes(self.accelerator.num_processes)
@@ -214,9 +215,6 @@ class PPOTrainer:
         self.control = TrainerControl()
 
     # -- parameters and forward passes --------------------------------------------------------
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         state = {"policy." + n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
