@@ -188,3 +188,12 @@ def test_dola_and_the_registry_form_no_cycle():
     decoding = Path(__file__).resolve().parents[1] / "cdlm" / "decoding"
     assert "cdlm.decoding.methods" not in _cdlm_imports(decoding / "dola.py")
     assert "_depth_and_tying" not in (decoding / "methods.py").read_text()
+
+
+def test_custom_generate_loops_refuse_transformers_cache_kwarg():
+    """transformers 5.24 passes the KV cache as `cache`: the loops would decode with a cache the model ignores."""
+    from cdlm.decoding.custom_generate import split_model_kwargs
+
+    with pytest.raises(ValueError, match=r"support transformers < 5\.24"):
+        split_model_kwargs({"attention_mask": None, "cache": object()})
+    assert split_model_kwargs({"past_key_values": "kv", "use_cache": True, "token_type_ids": None}) == (None, "kv", {})

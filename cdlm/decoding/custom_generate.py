@@ -30,10 +30,19 @@ _LOOP_MANAGED = (
 def split_model_kwargs(model_kwargs: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """``(attention_mask, past_key_values, extra)``: ``extra`` holds the other non-None model kwargs.
 
-    A right-padded ``attention_mask`` is refused: every loop continues each row from its last position.
+    A right-padded ``attention_mask`` is refused: every loop continues each row from its last position. So
+    is transformers' ``cache`` kwarg (5.24 renamed ``past_key_values`` to ``cache``): the loops would keep
+    their own cache while the model used generate's, and decode wrong tokens without an error.
     """
     from cdlm.models.prompts import check_left_padded
 
+    if "cache" in model_kwargs:
+        import transformers
+
+        raise ValueError(
+            f"transformers {transformers.__version__} passes the KV cache as `cache`; cdlm's contrastive search and "
+            "DoLa support transformers < 5.24 (past_key_values): pip install 'transformers>=5.16.1,<5.24'"
+        )
     attention_mask = model_kwargs.pop("attention_mask", None)
     check_left_padded(attention_mask)
     cache = model_kwargs.pop("past_key_values", None)
