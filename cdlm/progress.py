@@ -93,6 +93,7 @@ class Tracker:
         self._started = clock()
         self._last_report = self._started
         self._closed = False
+        self._reported: int | None = None
         self._bar: Any = None
         self._active = enabled()
         if terminal is None:
@@ -117,6 +118,7 @@ class Tracker:
         now = self._clock()
         if now - self._last_report >= self._interval:
             self._last_report = now
+            self._reported = self.done
             self._write(self.status(now))
 
     def status(self, now: float | None = None) -> str:
@@ -143,7 +145,7 @@ class Tracker:
             return
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif self._reported != self.done:  # the last periodic line already shows the end
             self._write(self.status())
 
     def _write(self, line: str) -> None:

@@ -49,6 +49,23 @@ def tiny_llama():
     return testing.tiny_llama(seed=0)
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny Llama and its tokenizer saved as a model folder (what users pass as a local path)."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    testing.tiny_llama(seed=0).save_pretrained(folder)
+    testing.tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_folder):
+    """The tiny folder loaded through cdlm's own loader (float32, CPU)."""
+    from cdlm.models import load_model
+
+    return load_model(str(tiny_folder), dtype="float32", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_gemma3():
     return testing.tiny_gemma3(seed=0)

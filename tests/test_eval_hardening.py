@@ -52,19 +52,6 @@ def _write(path, rows):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    testing.tiny_llama(seed=0).save_pretrained(folder)
-    testing.tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_folder):
-    return load_model(str(tiny_folder), dtype="float32", device="cpu")
-
-
 def _greedy(loaded):
     return get_method("greedy")(loaded.model, loaded.tokenizer)
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cdlm import testing
 from cdlm.cli import main as cli_main
 from cdlm.decoding.methods import get_method
 from cdlm.eval_harness import EvalConfig, evaluate
-from cdlm.models import EarlyExitAmateur, load_model
+from cdlm.models import EarlyExitAmateur
 from cdlm.runs import atomic_write_json
 
 HELLASWAG_ROWS = [
@@ -38,19 +37,6 @@ HELLASWAG_ROWS = [
     },
 ]
 GSM8K_ROWS = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 4)]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    testing.tiny_llama(seed=0).save_pretrained(folder)
-    testing.tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_folder):
-    return load_model(str(tiny_folder), dtype="float32", device="cpu")
 
 
 @pytest.fixture

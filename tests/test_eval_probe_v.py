@@ -14,7 +14,6 @@ from cdlm.cli import main as cli_main
 from cdlm.decoding.methods import get_method
 from cdlm.eval_harness import EvalConfig, evaluate
 from cdlm.eval_harness.data import packaged_path, read_jsonl
-from cdlm.models import load_model
 from cdlm.runs import RunFolder
 
 SEPARATORS = ["\u2028", "\u2029", "\u0085"]
@@ -33,19 +32,6 @@ GSM8K_ROWS = [
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    testing.tiny_llama(seed=0).save_pretrained(folder)
-    testing.tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_folder):
-    return load_model(str(tiny_folder), dtype="float32", device="cpu")
 
 
 def _greedy(loaded):

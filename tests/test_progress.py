@@ -93,3 +93,12 @@ def test_cli_quiet_flag_sets_the_switch():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--quiet", "--verbose"])
     with pytest.raises(ValueError, match="--quiet and --verbose"):
         apply_runtime_arguments(args)
+
+
+def test_the_end_is_reported_once():
+    """A periodic line that already shows the last unit is not repeated by the closing line."""
+    stream, clock = io.StringIO(), FakeClock()
+    with progress.track(3, "generating", unit="prompt", stream=stream, clock=clock, interval=30) as bar:
+        clock.now += 90
+        bar.update(3)
+    assert stream.getvalue().splitlines() == ["generating: 3/3 (100%), 0.03 prompt/s, elapsed 1m30s"]
